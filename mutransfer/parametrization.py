@@ -1,0 +1,334 @@
+"""The one source of truth for muP: parameter roles and the role x optimizer rule table.
+
+Every parameter gets a *role* from its name. A table maps (parametrization, role, optimizer)
+to four rules -- init std, learning rate, weight decay, Adam eps -- written as the formula that
+scales the *base* hyperparameter (the value tuned at the base width d_base and base depth L0).
+Forward multipliers (embedding, residual branch, logits, attention softmax scale) are in the
+same module. Nothing is attached to tensors: optimizers get plain parameter groups built here,
+the model gets plain numbers, so FSDP2, torch.compile, deepcopy and checkpoints are unaffected.
+
+Scaling variables: m = d / d_base (width multiplier), L = depth, L0 = base depth,
+a = depth exponent of the residual branch (1/2: Depth-muP, 1: CompleteP).
+
+Parametrizations
+- ``xmodel``: the Xmodel-2.5 recipe exactly as it ran (MiniCPM-style constants).
+- ``mup``: complete muP. Hidden inits sigma/sqrt(m) on both input and output side
+  (Yang et al., Tensor Programs V, arXiv 2203.03466); hidden AdamW LR eta/m; Adam eps eps/m
+  (Everett et al., arXiv 2407.05872); independent weight decay, lambda*m with torch's decoupled
+  AdamW so that lr*wd is width-free (Wortsman et al. arXiv 2309.14322; Everett et al.); norm gains
+  at the base LR, no decay; depth relative to L0 with branch multiplier (L0/L)^a, hidden LR
+  (L/L0)^(a-1), eps (L0/L)^a, weight decay (L/L0)^(1-a) (Dey et al., CompleteP, arXiv 2505.01618;
+  a = 1/2 is Depth-muP, Yang et al. arXiv 2310.02244). Muon: RMS matching 0.2*sqrt(max(A, B))
+  with eta/sqrt(m), which keeps the spectral norm of an update, hence ||dW x||, width-free.
+- ``sp``: the standard-parametrization control: fan-in init, one LR for every parameter, no
+  width- or depth-dependent multipliers, softmax scale 1/sqrt(d_head). It coincides with ``mup``
+  at the base shape except for the softmax scale, so the two differ only in how they scale.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+
+from mutransfer.config import HParams, ModelConfig, ParamConfig
+
+PARAMETRIZATIONS = ("xmodel", "mup", "sp")
+OPTIMIZERS = ("adamw", "muon")
+
+
+class Role(str, Enum):
+    EMBEDDING = "embedding"  # tied: also the output layer
+    ATTN_QKV = "attn_qkv"
+    ATTN_OUT = "attn_out"
+    FFN_IN = "ffn_in"
+    FFN_OUT = "ffn_out"
+    NORM_GAIN = "norm_gain"
+
+
+HIDDEN_MATRIX_ROLES = (Role.ATTN_QKV, Role.ATTN_OUT, Role.FFN_IN, Role.FFN_OUT)
+
+# Parameter name -> role. Names are those of mutransfer.model.Transformer (and of any precision
+# backend's linear layer, which keeps the ``.weight`` name).
+ROLE_BY_NAME: tuple[tuple[str, Role], ...] = (
+    (r"(^|\.)tok_embeddings\.weight$", Role.EMBEDDING),
+    (r"\.attention\.w[qkv]\.weight$", Role.ATTN_QKV),
+    (r"\.attention\.wo\.weight$", Role.ATTN_OUT),
+    (r"\.feed_forward\.w[13]\.weight$", Role.FFN_IN),
+    (r"\.feed_forward\.w2\.weight$", Role.FFN_OUT),
+    (r"(^|\.)(attention_norm|ffn_norm|norm)\.weight$", Role.NORM_GAIN),
+)
+
+
+def role_of(name: str) -> Role:
+    """The role of a parameter from its (FQN) name; an unknown name is an error, never a guess."""
+    clean = name.replace("_orig_mod.", "").replace("_fsdp_wrapped_module.", "").replace("module.", "")
+    for pattern, role in ROLE_BY_NAME:
+        if re.search(pattern, clean):
+            return role
+    raise KeyError(f"parameter {name!r} matches no muP role; known patterns: {[p for p, _ in ROLE_BY_NAME]}")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The shape variables the rules depend on."""
+
+    m: float  # width multiplier d / d_base
+    depth: int  # L
+    depth_base: int  # L0
+    depth_alpha: float  # a
+    head_dim: int
+
+    @property
+    def depth_ratio(self) -> float:
+        """L / L0."""
+        return self.depth / self.depth_base
+
+
+# --- the formulas, by name. Each returns the factor that multiplies the base value. ---------
+FORMULAS = {
+    "1": lambda s: 1.0,
+    "0": lambda s: 0.0,
+    "1/sqrt(m)": lambda s: s.m**-0.5,
+    "1/m": lambda s: 1.0 / s.m,
+    "m": lambda s: s.m,
+    "sqrt(m)": lambda s: s.m**0.5,
+    "1/sqrt(2L)": lambda s: (2.0 * s.depth) ** -0.5,
+    "(L/L0)^(a-1)": lambda s: s.depth_ratio ** (s.depth_alpha - 1.0),
+    "(L0/L)^a": lambda s: s.depth_ratio**-s.depth_alpha,
+    "(L/L0)^(1-a)": lambda s: s.depth_ratio ** (1.0 - s.depth_alpha),
+    "1/m*(L/L0)^(a-1)": lambda s: s.depth_ratio ** (s.depth_alpha - 1.0) / s.m,
+    "1/sqrt(m)*(L/L0)^(a-1)": lambda s: s.depth_ratio ** (s.depth_alpha - 1.0) * s.m**-0.5,
+    "m*(L/L0)^(1-a)": lambda s: s.m * s.depth_ratio ** (1.0 - s.depth_alpha),
+    "sqrt(m)*(L/L0)^(1-a)": lambda s: s.m**0.5 * s.depth_ratio ** (1.0 - s.depth_alpha),
+    "1/m*(L0/L)^a": lambda s: s.depth_ratio**-s.depth_alpha / s.m,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one role is treated: each field names a formula from FORMULAS.
+
+    init: factor on sigma (``ones`` means the gain starts at 1); lr: factor on eta;
+    wd: factor on lambda; eps: factor on Adam's eps. ``muon_adjust`` is torch Muon's
+    adjust_lr_fn for the roles that go to Muon.
+    """
+
+    init: str
+    lr: str
+    wd: str
+    eps: str = "1"
+    muon_adjust: str | None = None
+
+
+def _rules(**by_role: Rule) -> dict[Role, Rule]:
+    return {Role(k): v for k, v in by_role.items()}
+
+
+# (parametrization, optimizer) -> role -> Rule. Muon takes only the hidden matrices; the
+# embedding and norm gains stay on AdamW, so their "muon" rows are their AdamW rows.
+_XMODEL_ADAMW = _rules(
+    embedding=Rule(init="1", lr="1", wd="1"),
+    attn_qkv=Rule(init="1/sqrt(m)", lr="1/m", wd="1"),
+    ffn_in=Rule(init="1/sqrt(m)", lr="1/m", wd="1"),
+    attn_out=Rule(init="1/sqrt(2L)", lr="1/m", wd="1"),
+    ffn_out=Rule(init="1/sqrt(2L)", lr="1/m", wd="1"),
+    norm_gain=Rule(init="ones", lr="1/m", wd="0"),
+)
+_MUP_ADAMW = _rules(
+    embedding=Rule(init="1", lr="1", wd="1"),
+    attn_qkv=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
+    ffn_in=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
+    attn_out=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
+    ffn_out=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
+    norm_gain=Rule(init="ones", lr="1", wd="0"),
+)
+_SP_ADAMW = _rules(
+    embedding=Rule(init="1", lr="1", wd="1"),
+    attn_qkv=Rule(init="1/sqrt(m)", lr="1", wd="1"),
+    ffn_in=Rule(init="1/sqrt(m)", lr="1", wd="1"),
+    attn_out=Rule(init="1/sqrt(m)", lr="1", wd="1"),
+    ffn_out=Rule(init="1/sqrt(m)", lr="1", wd="1"),
+    norm_gain=Rule(init="ones", lr="1", wd="0"),
+)
+
+
+def _muon_rows(adamw: dict[Role, Rule], lr: str, wd: str) -> dict[Role, Rule]:
+    rows = dict(adamw)
+    for role in HIDDEN_MATRIX_ROLES:
+        rows[role] = Rule(init=adamw[role].init, lr=lr, wd=wd, eps="1", muon_adjust="match_rms_adamw")
+    return rows
+
+
+TABLE: dict[tuple[str, str], dict[Role, Rule]] = {
+    ("xmodel", "adamw"): _XMODEL_ADAMW,
+    # The recipe: RMS matching on top of AdamW's eta/m (right at its single width m = 6).
+    ("xmodel", "muon"): _muon_rows(_XMODEL_ADAMW, lr="1/m", wd="1"),
+    ("mup", "adamw"): _MUP_ADAMW,
+    # RMS matching with eta/sqrt(m): update spectral norm, hence ||dW x||, independent of width.
+    ("mup", "muon"): _muon_rows(_MUP_ADAMW, lr="1/sqrt(m)*(L/L0)^(a-1)", wd="sqrt(m)*(L/L0)^(1-a)"),
+    ("sp", "adamw"): _SP_ADAMW,
+    ("sp", "muon"): _muon_rows(_SP_ADAMW, lr="1", wd="1"),
+}
+
+
+@dataclass(frozen=True)
+class ForwardMultipliers:
+    """Plain numbers the model multiplies by; the model knows nothing else about muP."""
+
+    embedding: float  # x0 = embedding * E[token]
+    residual: float  # h += residual * branch(h)
+    logits: float  # logits = logits * h E^T
+    attn_scale: float  # softmax(attn_scale * q k^T)
+
+
+# Forward multipliers: parametrization -> multiplier -> formula name (a key of FORWARD_FORMULAS).
+FORWARD_RULES = {
+    "xmodel": {"embedding": "alpha_in", "residual": "alpha_res/sqrt(L)", "logits": "alpha_out/m",
+               "attn_scale": "1/d_head"},
+    "mup": {"embedding": "alpha_in", "residual": "alpha_res/sqrt(L0)*(L0/L)^a", "logits": "alpha_out/m",
+            "attn_scale": "1/d_head"},
+    "sp": {"embedding": "alpha_in", "residual": "alpha_res/sqrt(L0)", "logits": "alpha_out",
+           "attn_scale": "1/sqrt(d_head)"},
+}
+FORWARD_FORMULAS = {
+    "alpha_in": lambda s, hp: hp.alpha_in,
+    "alpha_res/sqrt(L)": lambda s, hp: hp.alpha_res / math.sqrt(s.depth),
+    "alpha_res/sqrt(L0)*(L0/L)^a": lambda s, hp: hp.alpha_res / math.sqrt(s.depth_base)
+    * s.depth_ratio**-s.depth_alpha,
+    "alpha_res/sqrt(L0)": lambda s, hp: hp.alpha_res / math.sqrt(s.depth_base),
+    "alpha_out/m": lambda s, hp: hp.alpha_out / s.m,
+    "alpha_out": lambda s, hp: hp.alpha_out,
+    "1/d_head": lambda s, hp: 1.0 / s.head_dim,
+    "1/sqrt(d_head)": lambda s, hp: 1.0 / math.sqrt(s.head_dim),
+}
+
+
+def scale_of(model: ModelConfig, param: ParamConfig) -> Scale:
+    return Scale(
+        m=model.d_model / param.d_base,
+        depth=model.n_layers,
+        depth_base=param.depth_base,
+        depth_alpha=param.depth_alpha,
+        head_dim=model.head_dim,
+    )
+
+
+def forward_multipliers(model: ModelConfig, param: ParamConfig, hp: HParams) -> ForwardMultipliers:
+    check_choice("parametrization", param.parametrization, PARAMETRIZATIONS)
+    s = scale_of(model, param)
+    rules = FORWARD_RULES[param.parametrization]
+    return ForwardMultipliers(**{k: FORWARD_FORMULAS[v](s, hp) for k, v in rules.items()})
+
+
+@dataclass(frozen=True)
+class ParamSetting:
+    """One parameter's resolved settings at this width and depth."""
+
+    name: str
+    role: Role
+    optimizer: str  # which optimizer owns it: "adamw" or "muon"
+    init_std: float | None  # None: a gain initialised to ones
+    lr: float
+    weight_decay: float
+    eps: float
+    muon_adjust: str | None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["role"] = self.role.value
+        return d
+
+
+def check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} = {value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def resolve(name: str, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str) -> ParamSetting:
+    """Settings of parameter ``name`` when the run uses ``optimizer`` for its hidden matrices."""
+    check_choice("parametrization", param.parametrization, PARAMETRIZATIONS)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    role = role_of(name)
+    rule = TABLE[(param.parametrization, optimizer)][role]
+    s = scale_of(model, param)
+    f = lambda key: FORMULAS[key](s)  # noqa: E731
+    owner = "muon" if (optimizer == "muon" and role in HIDDEN_MATRIX_ROLES) else "adamw"
+    return ParamSetting(
+        name=name,
+        role=role,
+        optimizer=owner,
+        init_std=None if rule.init == "ones" else hp.init_std * f(rule.init),
+        lr=hp.lr * f(rule.lr),
+        weight_decay=hp.weight_decay * f(rule.wd),
+        eps=hp.adam_eps * f(rule.eps) if owner == "adamw" else hp.muon_eps,
+        muon_adjust=rule.muon_adjust if owner == "muon" else None,
+    )
+
+
+def resolve_all(named_params, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str):
+    """ParamSetting for every (name, tensor) pair, in order."""
+    return [resolve(n, model, param, hp, optimizer) for n, _ in named_params]
+
+
+@torch.no_grad()
+def init_weights(module: torch.nn.Module, model: ModelConfig, param: ParamConfig, hp: HParams,
+                 generator: torch.Generator | None = None) -> None:
+    """Initialise every parameter from the table (init does not depend on the optimizer)."""
+    for name, p in module.named_parameters():
+        setting = resolve(name, model, param, hp, "adamw")
+        if p.device.type == "meta":
+            continue
+        if setting.init_std is None:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, setting.init_std, generator=generator)
+
+
+def param_groups(module: torch.nn.Module, model: ModelConfig, param: ParamConfig, hp: HParams,
+                 optimizer: str) -> dict[str, list[dict]]:
+    """Optimizer parameter groups, keyed by the optimizer that owns them ("adamw", "muon").
+
+    One group per (role, settings). Each group carries ``role`` and ``base_lr`` (its peak LR,
+    which schedules scale) alongside the usual keys.
+    """
+    groups: dict[tuple, dict] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        s = resolve(name, model, param, hp, optimizer)
+        key = (s.optimizer, s.role, s.lr, s.weight_decay, s.eps, s.muon_adjust)
+        if key not in groups:
+            g = {"params": [], "names": [], "role": s.role.value, "lr": s.lr, "base_lr": s.lr,
+                 "weight_decay": s.weight_decay}
+            if s.optimizer == "adamw":
+                g["eps"] = s.eps
+            else:
+                g["adjust_lr_fn"] = s.muon_adjust
+            groups[key] = g
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    out: dict[str, list[dict]] = {"adamw": [], "muon": []}
+    for key, g in groups.items():
+        out[key[0]].append(g)
+    return out
+
+
+def describe_table() -> str:
+    """The whole table as Markdown, for the docs and ``mutransfer plan --table``."""
+    lines = ["| parametrization | optimizer | role | init (x sigma) | LR (x eta) | weight decay (x lambda) "
+             "| Adam eps (x eps) | Muon adjust |", "|---|---|---|---|---|---|---|---|"]
+    for (p, o), rows in TABLE.items():
+        for role, r in rows.items():
+            if o == "muon" and role not in HIDDEN_MATRIX_ROLES:
+                continue
+            lines.append(f"| {p} | {o} | {role.value} | {r.init} | {r.lr} | {r.wd} | "
+                         f"{r.eps if not r.muon_adjust else '-'} | {r.muon_adjust or '-'} |")
+    lines += ["", "| parametrization | embedding | residual branch | logits | attention softmax scale |",
+              "|---|---|---|---|---|"]
+    for p, f in FORWARD_RULES.items():
+        lines.append(f"| {p} | {f['embedding']} | {f['residual']} | {f['logits']} | {f['attn_scale']} |")
+    return "\n".join(lines)
