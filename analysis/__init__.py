@@ -1,0 +1,1 @@
+"""Reports from run directories: works from the files runs write (Parquet, CSV, JSON), never re-runs."""

@@ -1,0 +1,1 @@
+"""The full-scale training pipeline: multi-stage WSD, the AdamW->Muon switch, distributed, resume."""

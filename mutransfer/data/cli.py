@@ -1,0 +1,68 @@
+"""``mutransfer data prepare`` and ``mutransfer data info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mutransfer.config import ConfigError
+
+DEFAULT_SHARD_TOKENS = 2**24  # as in mutransfer.data.prepare, which this module imports only when run
+
+
+def register(subparsers) -> None:
+    """Add the ``data`` command to an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="prepare and inspect token datasets")
+    commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    prepare = commands.add_parser(
+        "prepare", help="tokenize text files into shards",
+        description="Tokenize .txt (documents separated by blank lines), .jsonl and .parquet files "
+                    "(.txt.gz and .jsonl.gz too) into memory-mapped token shards with a held-out val split.")
+    prepare.add_argument("files", nargs="+", metavar="FILES")
+    prepare.add_argument("--tokenizer", required=True,
+                         help="'byte', 'deepseek-v3', or a path to a tokenizer.json")
+    prepare.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    prepare.add_argument("--val-fraction", type=float, default=0.005,
+                         help="share of documents held out for validation (default 0.005; at least one)")
+    prepare.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default 'text')")
+    prepare.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                         help="tokens per shard file (default 2**24)")
+    prepare.add_argument("--quiet", action="store_true", help="no progress output")
+    prepare.set_defaults(func=_prepare)
+
+    info = commands.add_parser("info", help="print a prepared dataset's index")
+    info.add_argument("dir", metavar="DIR")
+    info.set_defaults(func=_info)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from mutransfer.data.prepare import prepare_dataset
+
+    try:
+        out = prepare_dataset(args.files, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                              text_field=args.text_field, shard_tokens=args.shard_tokens,
+                              progress=not args.quiet)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from mutransfer.data.dataset import TokenDataset
+
+    try:
+        dataset = TokenDataset(args.dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {key: dataset.index[key] for key in ("tokenizer", "vocab_size", "model_vocab_size", "dtype",
+                                                      "fingerprint", "created")}
+    summary["splits"] = {s: {"num_tokens": v["num_tokens"], "num_documents": v["num_documents"],
+                             "shards": len(v["shards"])} for s, v in dataset.index["splits"].items()}
+    summary["sources"] = [s["path"] for s in dataset.index["sources"]]
+    print(json.dumps(summary, indent=1))
+    return 0

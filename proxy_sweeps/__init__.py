@@ -1,0 +1,1 @@
+"""Proxy experiments: Optuna sweeps, coordinate checks and LR-transfer checks, with their definitions."""
