@@ -54,7 +54,7 @@ def _run_plan(args) -> int:
     if raw.get("stages"):
         from mutransfer.stages import describe_stages
 
-        plan["stages"] = describe_stages(raw, shape)
+        plan["stages"] = describe_stages(raw, shape, hp)
     if args.json:
         print(json.dumps(plan, indent=2))
     else:

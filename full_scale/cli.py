@@ -1,0 +1,48 @@
+"""``mutransfer train CONFIG --hparams LOCK [--set key=value ...] [--out DIR]``.
+
+One process as is, many under ``torchrun --nproc-per-node N -m mutransfer.cli train ...`` (or
+``torchrun --no-python mutransfer train ...``). The config and the lock file are checked before
+any compute; a run directory that already holds checkpoints is resumed from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HELP_SET = ("override a config value, e.g. optimizer.switch=false, train.precision=bf16, "
+            "stages.decay.steps=10 (a list of tables is indexed by position or by name); repeatable")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="multi-stage full-scale training from frozen hyperparameters",
+                       description=__doc__.split("\n\n")[1].replace("``", ""))
+    p.add_argument("config", help="TOML run config, e.g. full_scale/smoke.toml")
+    p.add_argument("--hparams", help="hparams.lock.json from `mutransfer freeze` (default: train.hparams of "
+                                     "the config, relative to the config file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=HELP_SET)
+    p.add_argument("--out", help="run directory (default: runs/<config name>); resumed when it holds "
+                                 "checkpoints")
+    p.add_argument("--from-checkpoint", metavar="CKPT_DIR",
+                   help="start from another run's checkpoint (e.g. branch the AdamW-only control off the "
+                        "pre-decay checkpoint with --set optimizer.switch=false); ignored once --out has its own")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from full_scale.config import load_run_config
+    from full_scale.trainer import train
+    from mutransfer.training import Diverged
+
+    cfg = load_run_config(args.config, args.overrides, args.hparams)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    try:
+        summary = train(cfg, out, quiet=args.quiet, from_checkpoint=args.from_checkpoint)
+    except Diverged as e:
+        print(f"error: training diverged: {e.reason}", file=sys.stderr)
+        return 1
+    if "final_val_loss" in summary:  # rank 0
+        print(json.dumps(summary, indent=2))
+    return 0

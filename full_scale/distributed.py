@@ -1,0 +1,130 @@
+"""Process group, device and data-parallel wrapping (DDP or FSDP2) for one process or torchrun.
+
+One process: no process group, no wrapper. Under torchrun (``WORLD_SIZE`` set): NCCL on CUDA,
+gloo on CPU. FSDP2 shards every transformer block, then the root (embedding, final norm), as
+torchtitan does; the tied output layer reads the root's embedding, so nothing is split across
+units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from mutransfer.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # this code initialised the process group (and tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is visible")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup(device_setting: str) -> DistEnv:
+    """Join torchrun's process group when launched by it; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_setting, local_rank)
+    if world == 1 and not dist.is_initialized():
+        return DistEnv(0, 1, 0, device, owns_group=False)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=(
+            device if device.type == "cuda" else None))
+        owns = True
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=owns)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def mean_across(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over data-parallel ranks (the global-batch loss)."""
+    if env.distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= env.world_size
+    return value
+
+
+def wrap(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
+    """DDP, or FSDP2 per block then root; the returned module is what the loop calls.
+
+    FSDP2 changes the module in place (same names, DTensor parameters); DDP wraps it, and the
+    caller keeps the inner module for optimizers and checkpoints.
+    """
+    if not env.distributed:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    raise ConfigError(f"parallel.mode = {mode!r}: allowed 'fsdp', 'ddp'")
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not sync:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    yield
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient norm (sharded grads included), clipped to ``max_norm`` when it is > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
