@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from mutransfer.precision.fp8_emulated import DelayedScalingConfig
+from mutransfer.precision.gpu import fp8_gpu_available
 
 INSTALL = ('install Transformer Engine with pip install "mutransfer[fp8]" (transformer-engine[pytorch]); '
            "it needs CUDA and an FP8-capable NVIDIA GPU "
            "(Ada, Hopper or Blackwell, compute capability >= 8.9)")
-MIN_CAPABILITY = (8, 9)
 RECIPE = DelayedScalingConfig()  # RECIPE section 5: HYBRID, history 128, "max", margin 0
 
 
@@ -37,17 +37,7 @@ def _import_te():
 
 
 def available() -> tuple[bool, str]:
-    try:
-        _import_te()
-    except ImportError as e:
-        return False, str(e)
-    if not torch.cuda.is_available():
-        return False, f"precision 'fp8-te' needs a CUDA GPU and none is visible; {INSTALL}"
-    cap = torch.cuda.get_device_capability()
-    if cap < MIN_CAPABILITY:
-        return False, (f"precision 'fp8-te' needs compute capability >= 8.9 (Ada/Hopper/Blackwell); "
-                       f"this GPU has {cap[0]}.{cap[1]}")
-    return True, ""
+    return fp8_gpu_available("fp8-te", _import_te, INSTALL)
 
 
 def _require():

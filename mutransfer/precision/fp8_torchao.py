@@ -8,12 +8,12 @@ a CUDA GPU with compute capability >= 8.9, so this backend refuses to prepare a 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
+
+from mutransfer.precision.gpu import fp8_gpu_available
 
 INSTALL = ('install torchao with pip install "mutransfer[torchao]"; its float8 training needs a CUDA GPU '
            "with compute capability >= 8.9 (Ada, Hopper or Blackwell)")
-MIN_CAPABILITY = (8, 9)
 
 
 def _import_float8():
@@ -26,17 +26,7 @@ def _import_float8():
 
 
 def available() -> tuple[bool, str]:
-    try:
-        _import_float8()
-    except ImportError as e:
-        return False, str(e)
-    if not torch.cuda.is_available():
-        return False, f"precision 'fp8-torchao' needs a CUDA GPU and none is visible; {INSTALL}"
-    cap = torch.cuda.get_device_capability()
-    if cap < MIN_CAPABILITY:
-        return False, (f"precision 'fp8-torchao' needs compute capability >= 8.9; "
-                       f"this GPU has {cap[0]}.{cap[1]}")
-    return True, ""
+    return fp8_gpu_available("fp8-torchao", _import_float8, INSTALL)
 
 
 def _is_transformer_linear(module: nn.Module, fqn: str) -> bool:
