@@ -12,10 +12,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from mutransfer.config import ConfigError, HParams, RunShape, from_mapping, load_toml
 from mutransfer.lockfile import Lock, check_lock_matches, read_lock

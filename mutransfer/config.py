@@ -6,12 +6,11 @@ Bad input fails here, before any compute, with the field's dotted name and what 
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 
 class ConfigError(ValueError):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -40,7 +40,7 @@ PARAMETRIZATIONS = ("xmodel", "mup", "sp")
 OPTIMIZERS = ("adamw", "muon")
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     EMBEDDING = "embedding"  # tied: also the output layer
     ATTN_QKV = "attn_qkv"
     ATTN_OUT = "attn_out"

@@ -322,7 +322,7 @@ def _index(tok: Tokenizer, sources: list[dict], settings: dict, fingerprint: str
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "fingerprint": fingerprint,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "tokenizer": tok.spec,
         "tokenizer_name": tok.name,
         "tokenizer_fingerprint": tok.fingerprint,
