@@ -124,6 +124,20 @@ def _empty(ax, text: str) -> None:
             wrap=True)
 
 
+def _series(ax, step, values, color: str, missing: str, title: str, ylabel: str | None = None,
+            from_zero: bool = False) -> None:
+    """One metric against step, or a note saying it was not recorded."""
+    if values.notna().any():
+        ax.plot(step, values, lw=1, color=color)
+        if from_zero:
+            ax.set_ylim(bottom=0)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+    else:
+        _empty(ax, missing)
+    ax.set_title(title, fontsize=10, pad=14)
+
+
 def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -162,30 +176,13 @@ def plot_training(df: pd.DataFrame, events: list[dict], title: str = "") -> byte
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("LR per parameter group (dashed: Muon)", fontsize=10, pad=14)
 
-    gn = _numeric(df, "grad_norm")
-    if gn.notna().any():
-        ax_gn.plot(step, gn, lw=1, color="tab:green")
-    else:
-        _empty(ax_gn, "no grad norm recorded")
-    ax_gn.set_title("gradient norm (before clipping)", fontsize=10, pad=14)
-
-    tps = _numeric(df, "tokens_per_s")
-    if tps.notna().any():
-        ax_tps.plot(step, tps, lw=1, color="tab:purple")
-        ax_tps.set_ylim(bottom=0)
-    else:
-        _empty(ax_tps, "no tokens/s recorded")
-    ax_tps.set_ylabel("tokens / s")
-    ax_tps.set_title("throughput", fontsize=10, pad=14)
-
-    mfu = _numeric(df, "mfu")
-    if mfu.notna().any():
-        ax_mfu.plot(step, 100 * mfu, lw=1, color="tab:brown")
-        ax_mfu.set_ylim(bottom=0)
-        ax_mfu.set_ylabel("MFU (%)")
-    else:
-        _empty(ax_mfu, "MFU not recorded:\nno peak FLOP/s known for this device\n(set metrics.peak_flops)")
-    ax_mfu.set_title("model FLOPs utilisation", fontsize=10, pad=14)
+    _series(ax_gn, step, _numeric(df, "grad_norm"), "tab:green", "no grad norm recorded",
+            "gradient norm (before clipping)")
+    _series(ax_tps, step, _numeric(df, "tokens_per_s"), "tab:purple", "no tokens/s recorded", "throughput",
+            ylabel="tokens / s", from_zero=True)
+    _series(ax_mfu, step, 100 * _numeric(df, "mfu"), "tab:brown",
+            "MFU not recorded:\nno peak FLOP/s known for this device\n(set metrics.peak_flops)",
+            "model FLOPs utilisation", ylabel="MFU (%)", from_zero=True)
 
     gb, seq = _numeric(df, "global_batch"), _numeric(df, "seq_len")
     if gb.notna().any() or seq.notna().any():
