@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mutransfer.build import build_model
 from mutransfer.config import HParams, ModelConfig, ParamConfig, RunShape, from_mapping, load_toml
-from mutransfer.parametrization import HIDDEN_MATRIX_ROLES, OPTIMIZERS, Role, check_choice, resolve
+from mutransfer.parametrization import HIDDEN_MATRIX_ROLES, OPTIMIZERS, Role, check_choice, resolve, scale_of
 from mutransfer.presets import at_width, get_preset
 
 BYTES_FP32 = 4
@@ -88,7 +88,7 @@ def make_plan(shape: RunShape, hp: HParams, optimizer: str = "adamw", seq_len: i
         "model": dataclasses.asdict(shape.model),
         "param": dataclasses.asdict(shape.param),
         "hparams": dataclasses.asdict(hp),
-        "width_multiplier": shape.model.d_model / shape.param.d_base,
+        "width_multiplier": scale_of(shape.model, shape.param).m,
         "optimizer": optimizer,
         "seq_len": seq_len,
         **counts,
