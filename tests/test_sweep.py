@@ -23,6 +23,7 @@ from mutransfer.lockfile import read_lock
 from proxy_sweeps import storage as st
 from proxy_sweeps.engine import prepare, run_trial
 from proxy_sweeps.spec import load_spec
+from tests.sweep_files import TINY_TRIAL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,21 +34,7 @@ trials = 4
 heartbeat_interval = 1
 grace_period = {grace}
 
-[model]
-preset = "tiny"
-
-[data]
-spec = "builtin"
-
-[train]
-steps = {steps}
-batch_size = 4
-seq_len = 32
-warmup = 0
-eval_every = 6
-eval_batches = 1
-eval_batch_size = 4
-
+{trial}
 [objective]
 last_evals = 1
 seeds = 2
@@ -75,7 +62,7 @@ LR_RANGE = "low = 1e-3\nhigh = 3e-2\nlog = true"
 def sweep_file(tmp_path: Path, name: str = "small.toml", steps: int = 12, grace: int = 60, lr: str = LR_RANGE,
                extra: str = "") -> Path:
     path = tmp_path / name
-    path.write_text(SMALL.format(steps=steps, grace=grace, lr=lr) + extra)
+    path.write_text(SMALL.format(trial=TINY_TRIAL.format(steps=steps), grace=grace, lr=lr) + extra)
     return path
 
 

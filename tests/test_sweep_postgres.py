@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from mutransfer.cli import main
 from mutransfer.lockfile import read_lock
 from proxy_sweeps import storage as st
+from tests.sweep_files import TINY_TRIAL
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "postgres.sh"
@@ -27,16 +28,7 @@ SWEEP = """
 trials = 6
 heartbeat_interval = 1
 grace_period = 60
-[model]
-preset = "tiny"
-[train]
-steps = 12
-batch_size = 4
-seq_len = 32
-warmup = 0
-eval_every = 6
-eval_batches = 1
-eval_batch_size = 4
+""" + TINY_TRIAL.format(steps=12) + """
 [objective]
 last_evals = 1
 [sampler]
