@@ -1,22 +1,25 @@
-"""Tokens/s and MFU of full-scale training steps, per precision backend.
+"""The GPU check of the full-scale step: tokens/s, MFU and peak memory next to the plan's prediction.
 
-Times forward + backward + clip + optimizer step of the Xmodel-2.5 1.3B model (or the same model
-at a reduced width/depth where memory demands) in bf16 and in every FP8 backend this machine has,
-one GPU, no data loading (random tokens). MFU = FLOPs/token (``mutransfer.plan``: 6 N_matmul +
-attention) x tokens/s / the device's dense BF16 peak (RECIPE section 7), for every precision, so
-FP8's gain shows as MFU above BF16's.
+Runs the real training step (``mutransfer.step.train_step``: forward with the chunked loss,
+backward, clip, optimizer step) of the Xmodel-2.5 1.3B model at the recipe's shapes on one GPU,
+for each precision backend this machine has (bf16, fp8-torchao, fp8-te) and each activation
+checkpointing policy asked for, with random tokens (no data loading). Per case it prints tokens/s,
+achieved TFLOP/s, MFU (FLOPs/token from ``mutransfer.plan`` x tokens/s / the device's dense BF16
+peak, RECIPE section 7, for every precision, so FP8's gain shows as MFU above bf16's), the FP8 /
+bf16 speed-up, and the measured peak memory beside ``mutransfer.memory``'s prediction for the same
+phase on one GPU, and writes everything to JSON.
 
-    python benchmarks/full_scale_step.py                    # GPU: 1.3B, seq 3712, micro-batch 2
-    python benchmarks/full_scale_step.py --width 768 --layers 24
-    python benchmarks/full_scale_step.py --smoke            # CPU: width 128, 2 layers, seq 256
+    python benchmarks/full_scale_step.py                                  # GPU: 1.3B, 3712 x 2
+    python benchmarks/full_scale_step.py --seq-len 16384 --micro-batch 1  # the long-context phase
+    python benchmarks/full_scale_step.py --compile --checkpointing none full selective
+    python benchmarks/full_scale_step.py --smoke                          # CPU: width 128, 2 layers
 
-Prints a table and writes JSON (``--json``).
+Never part of the tests (which run its smoke mode once).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -24,26 +27,33 @@ from pathlib import Path
 
 import torch
 
-from full_scale.metrics import environment, peak_flops
-from mutransfer.build import build_model
-from mutransfer.config import HParams
-from mutransfer.model import loss_fn
+from full_scale.metrics import peak_flops
+from mutransfer.build import build_model, configure_model
+from mutransfer.config import HParams, TrainSettings, updated
+from mutransfer.memory import estimate
 from mutransfer.optim import build_optimizers
 from mutransfer.plan import count_params, flops_per_token
-from mutransfer.precision import PRECISIONS, autocast, available, check_dims, prepare_model
+from mutransfer.precision import PRECISIONS, available, check_checkpointing, check_dims, prepare_model
 from mutransfer.presets import at_width, get_preset
+from mutransfer.rundir import environment
+from mutransfer.step import train_step
+
+GIB = 2**30
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU smoke mode: small width, few steps")
     p.add_argument("--precisions", nargs="+", help=f"default: bf16 and every FP8 backend; from {PRECISIONS}")
+    p.add_argument("--checkpointing", nargs="+", default=["none", "full"], help="none | full | selective")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (as [train] compile)")
     p.add_argument("--width", type=int, help="reduce d_model (head dim fixed, FFN 2.5 d)")
     p.add_argument("--layers", type=int, help="reduce the depth")
     p.add_argument("--seq-len", type=int, default=3712)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--loss-chunk", type=int, default=4096, help="tokens per cross-entropy chunk")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, FP8 history)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, compile, FP8 history)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: table by GPU name)")
     p.add_argument("--json", default="full_scale_step.json", help="where to write the results")
@@ -55,7 +65,7 @@ def parse_args(argv=None):
         args.steps = min(args.steps, 3)
         args.warmup = min(args.warmup, 1)
         args.precisions = args.precisions or ["fp32", "bf16", "fp8-emulated", "fp8-te", "fp8-torchao"]
-    args.precisions = args.precisions or ["bf16", "fp8-te", "fp8-torchao"]
+    args.precisions = args.precisions or ["bf16", "fp8-torchao", "fp8-te"]
     return args
 
 
@@ -65,8 +75,8 @@ def target_shape(width: int | None, layers: int | None):
     if width:
         model = at_width(model, width)
     if layers:
-        model = dataclasses.replace(model, n_layers=layers)
-    return dataclasses.replace(shape, model=model.validate())
+        model = updated(model, "--layers", n_layers=layers)
+    return updated(shape, "shape", model=model)
 
 
 def sync(device: torch.device) -> None:
@@ -74,28 +84,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(shape, precision: str, device: torch.device, args) -> dict:
+def predicted_peak(shape, precision: str, policy: str, args) -> float:
+    """The memory model's training peak for this phase on one GPU (no sharding), in GiB."""
+    est = estimate(shape.model, seq_len=args.seq_len, micro_batch=args.micro_batch, world_size=1, parallel="none",
+                   optimizer=args.optimizer, precision=precision if precision != "fp32" else "fp32",
+                   checkpointing=policy, loss_chunk_tokens=args.loss_chunk)
+    return est.peak / GIB
+
+
+def bench_one(shape, precision: str, policy: str, device: torch.device, args) -> dict:
+    case = {"precision": precision, "checkpointing": policy, "compile": args.compile}
     ok, why = available(precision)
     if not ok:
-        return {"precision": precision, "status": "skipped", "why": why}
+        return {**case, "status": "skipped", "why": why}
+    try:
+        check_checkpointing(precision, policy)
+    except ValueError as e:
+        return {**case, "status": "skipped", "why": str(e)}
     check_dims(shape.model, precision)
     hp = HParams()
-    model = prepare_model(build_model(shape, hp, device=device, seed=0), precision)
+    settings = TrainSettings(precision=precision, activation_checkpointing=policy, loss_chunk_tokens=args.loss_chunk,
+                             compile=args.compile)
+    model = configure_model(prepare_model(build_model(shape, hp, device=device, seed=0), precision), settings)
     opts = build_optimizers(model, shape, hp, args.optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, shape.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def step():
-        with autocast(precision, device.type):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
-        opts.step()
-        opts.zero_grad()
-        return loss
+    def step():  # the training step every loop shares
+        return train_step(model, opts, [(x, y)], params=params, precision=precision, device_type=device.type,
+                          grad_clip=hp.grad_clip).loss
 
     try:
         for _ in range(args.warmup):
@@ -107,33 +128,39 @@ def bench_one(shape, precision: str, device: torch.device, args) -> dict:
         sync(device)
         seconds = time.perf_counter() - t0
     except torch.cuda.OutOfMemoryError:
-        return {"precision": precision, "status": "oom",
-                "why": "out of memory: lower --micro-batch, or --width / --layers"}
+        return {**case, "status": "oom", "why": "out of memory: lower --micro-batch, or --width / --layers",
+                "predicted_peak_gib": predicted_peak(shape, precision, policy, args)}
     tokens_per_s = args.micro_batch * args.seq_len * args.steps / seconds
     flops = flops_per_token(shape, args.seq_len)
     peak = peak_flops(device, args.peak_flops)
     return {
-        "precision": precision, "status": "ok", "loss": loss.item(),
+        **case, "status": "ok", "loss": loss,
         "step_ms": 1000 * seconds / args.steps, "tokens_per_s": tokens_per_s,
         "tflops_per_s": flops * tokens_per_s / 1e12, "mfu": flops * tokens_per_s / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        "predicted_peak_gib": predicted_peak(shape, precision, policy, args),
     }
 
 
 def format_table(results: list[dict], header: str) -> str:
-    base = next((r["tokens_per_s"] for r in results if r["precision"] == "bf16" and r["status"] == "ok"), None)
-    lines = [header, f"{'precision':<13} {'tokens/s':>11} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>7} "
-                     f"{'vs bf16':>8} {'mem GiB':>8}  note"]
+    def bf16_rate(policy):
+        return next((r["tokens_per_s"] for r in results if r["precision"] == "bf16" and r["status"] == "ok"
+                     and r["checkpointing"] == policy), None)
+
+    lines = [header, f"{'precision':<13} {'recompute':<10} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} "
+                     f"{'MFU':>7} {'vs bf16':>8} {'mem GiB':>8} {'plan GiB':>9}  note"]
     for r in results:
+        plan = f"{r['predicted_peak_gib']:.1f}" if r.get("predicted_peak_gib") is not None else "-"
         if r["status"] != "ok":
-            lines.append(f"{r['precision']:<13} {'-':>11} {'-':>9} {'-':>8} {'-':>7} {'-':>8} {'-':>8}  "
-                         f"{r['status']}: {r['why']}")
+            lines.append(f"{r['precision']:<13} {r['checkpointing']:<10} {'-':>10} {'-':>9} {'-':>8} {'-':>7} "
+                         f"{'-':>8} {'-':>8} {plan:>9}  {r['status']}: {r['why']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        base = bf16_rate(r["checkpointing"])
         ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        lines.append(f"{r['precision']:<13} {r['tokens_per_s']:>11.0f} {r['step_ms']:>9.1f} "
-                     f"{r['tflops_per_s']:>8.2f} {mfu:>7} {ratio:>8} {mem:>8}")
+        lines.append(f"{r['precision']:<13} {r['checkpointing']:<10} {r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} "
+                     f"{r['tflops_per_s']:>8.2f} {mfu:>7} {ratio:>8} {mem:>8} {plan:>9}")
     return "\n".join(lines)
 
 
@@ -146,21 +173,23 @@ def main(argv=None) -> int:
     shape = target_shape(args.width, args.layers)
     counts = count_params(shape)
     m = shape.model
-    header = (f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}): "
-              f"d={m.d_model} layers={m.n_layers} params={counts['params_total'] / 1e9:.3f}B "
+    header = (f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), torch "
+              f"{torch.__version__}: d={m.d_model} layers={m.n_layers} params={counts['params_total'] / 1e9:.3f}B "
               f"seq={args.seq_len} micro-batch={args.micro_batch} optimizer={args.optimizer} "
-              f"steps={args.steps} (+{args.warmup} warmup)")
+              f"compile={args.compile} steps={args.steps} (+{args.warmup} warmup)")
     results = []
     for precision in args.precisions:
-        results.append(bench_one(shape, precision, device, args))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for policy in args.checkpointing:
+            print(f"  {precision} / {policy} ...", file=sys.stderr, flush=True)
+            results.append(bench_one(shape, precision, policy, device, args))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print(format_table(results, header))
-    out = {"mode": "smoke" if args.smoke else "full", "model": dataclasses.asdict(m), **counts,
+    out = {"mode": "smoke" if args.smoke else "full", "model": m.model_dump(), **counts,
            "flops_per_token": flops_per_token(shape, args.seq_len), "seq_len": args.seq_len,
-           "micro_batch": args.micro_batch, "optimizer": args.optimizer, "steps": args.steps,
-           "peak_flops": peak_flops(device, args.peak_flops), "results": results,
-           "environment": environment(1, device)}
+           "micro_batch": args.micro_batch, "optimizer": args.optimizer, "compile": args.compile,
+           "steps": args.steps, "peak_flops": peak_flops(device, args.peak_flops), "results": results,
+           "environment": environment(1, str(device))}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(f"wrote {args.json}")

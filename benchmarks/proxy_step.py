@@ -1,23 +1,41 @@
-"""Training-step throughput of the proxy presets on CPU: the muP model against a plain PyTorch
-model of identical shapes (a benchmark, not a test).
+"""Training-step throughput on CPU: the muP model against a plain PyTorch model of identical shapes
+and a GPT-2-style model of the same width and depth (a benchmark, not a test).
 
-The muP model is what a sweep trial trains (``build_model`` + ``build_optimizers``: forward
-multipliers, hook-able identity modules, one AdamW group per role). The plain model has the same
-layers and parameter shapes -- Pre-RMSNorm, SwiGLU, RoPE, GQA, tied embeddings -- with no
-multipliers, the usual N(0, 0.02) init and nanoGPT's two AdamW groups (decay / no decay). Both run
-the same step (forward, cross entropy, backward, clip to norm 1, LR set, AdamW step) on the same
-fixed random batch, so tokens/s differ only by what muP adds: the ratio muP / plain is its cost
-(the goal is 1.0). On a shared machine the load drifts, so each model runs ``--repeats`` times,
-alternating, and the faster run counts. Each (preset, model, mode) runs in a fresh process, eager and under
-``torch.compile`` (the model; first step timed separately as the compile time); a compile that
-fails or runs past ``--compile-timeout`` is reported in the table, not raised.
+Models, all trained by the same step (forward, cross entropy over the whole logits, backward, clip
+to norm 1, LR set, AdamW step) on the same fixed random batch:
 
-    python benchmarks/proxy_step.py                       # tiny and proxy-20m, eager and compiled
-    python benchmarks/proxy_step.py --no-compile --presets tiny
-    python benchmarks/proxy_step.py --out runs/benchmarks/proxy_step.json --threads 2
+- ``mup``: what a sweep trial trains (``build_model`` + ``build_optimizers``): forward multipliers,
+  hook-able identity modules, one AdamW group per role.
+- ``plain``: the same layers and parameter shapes (Pre-RMSNorm, SwiGLU, RoPE, GQA, tied
+  embedding) written in plain PyTorch with stock modules: no multipliers, N(0, 0.02) init,
+  nanoGPT's two AdamW groups (decay / no decay) with torch's default AdamW. ``mup / plain`` (tokens/s)
+  is what the muP model costs next to the obvious plain-PyTorch model of the same function.
+- ``gpt2``: GPT-2-style, plain PyTorch: Pre-LayerNorm, GELU (tanh) MLP of 4 d, learned positions,
+  biases, tied embedding, head dim 64 (``--gpt2-head-dim``), same d, L, vocabulary, batch and
+  sequence as the muP model; same optimizer as ``plain``. Different architecture, so it is compared
+  by achieved model FLOP/s, not tokens/s.
+- ``mup-hd64`` (with ``--models``): the muP model with head dim 64 instead of the tiny family's 16
+  (fewer, wider heads; same d): separates the attention kernel's head-dim efficiency from the rest.
 
-proxy-20m has a 129k-token vocabulary and 48 layers: it runs at batch 4 x seq 128 by default so
-that a 2-core CPU does a step in about a second.
+Model FLOPs per token, counted the same way for every model: 6 N_matmul + 6 L d T, N_matmul the
+weights of the matrix multiplies (the tied embedding once, as the output layer; no positions, norms
+or biases), T the sequence length.
+
+Shapes (``--configs``): ``tiny`` (the preset, d 64, batch 16 x seq 128: the quickstart trial),
+``d256`` and ``d512`` (the tiny family widened -- L 4, head dim 16, vocabulary 256 -- at batch 8 x
+seq 256), and ``proxy-20m`` (48 layers, 129k vocabulary, batch 4 x seq 128; not in the default set).
+
+Measurement: one process per (config, mode) holds all the models and interleaves them: each of
+``--repeats`` rounds times ``--steps`` steps of every model in turn (the order alternating between
+rounds), and a model's figure is its best round (median step time within the round), so a change
+in background load hits every model alike. The first step is timed separately (under
+``torch.compile``: the compile). The forward + backward and the optimizer part (clip, LR, step,
+zero) of each step are timed apart too (JSON). A config that fails or runs past its timeout shows
+as ``failed`` / ``timeout``, with the error in the JSON.
+
+    python benchmarks/proxy_step.py --threads 1               # tiny, d256, d512; eager and compiled
+    python benchmarks/proxy_step.py --no-compile --configs tiny
+    python benchmarks/proxy_step.py --configs tiny d256 --models mup plain gpt2 mup-hd64 --json out.json
 """
 
 from __future__ import annotations
@@ -37,13 +55,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# batch, sequence length and measured steps per preset (after WARMUP_STEPS untimed ones)
-DEFAULTS = {
-    "tiny": {"batch_size": 16, "seq_len": 128, "steps": 30},  # the quickstart sweep's trial shape
-    "proxy-20m": {"batch_size": 4, "seq_len": 128, "steps": 5},
+# shape per config: preset, width (None: the preset's), batch, sequence, timed steps per round
+CONFIGS = {
+    "tiny": {"preset": "tiny", "width": None, "batch_size": 16, "seq_len": 128, "steps": 20},
+    "d256": {"preset": "tiny", "width": 256, "batch_size": 8, "seq_len": 256, "steps": 6},
+    "d512": {"preset": "tiny", "width": 512, "batch_size": 8, "seq_len": 256, "steps": 3},
+    "proxy-20m": {"preset": "proxy-20m", "width": None, "batch_size": 4, "seq_len": 128, "steps": 3},
 }
+DEFAULT_CONFIGS = ("tiny", "d256", "d512")
 WARMUP_STEPS = 2
-MODELS = ("mup", "plain")
+MODELS = ("mup", "plain", "gpt2", "mup-hd64")
+DEFAULT_MODELS = ("mup", "plain", "gpt2")
 MODES = ("eager", "compile")
 
 
@@ -114,6 +136,64 @@ class PlainTransformer(nn.Module):
         return F.linear(self.norm(h), self.tok_embeddings.weight).float()
 
 
+# ---------------------------------------------------------------- the GPT-2-style model
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+                   for z in self.c_attn(x).split(d, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = GPT2Attention(d, n_heads)
+        self.ln_2 = nn.LayerNorm(d)
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.c_proj = nn.Linear(4 * d, d)
+
+    def forward(self, h):
+        h = h + self.attn(self.ln_1(h))
+        return h + self.c_proj(F.gelu(self.c_fc(self.ln_2(h)), approximate="tanh"))
+
+
+class GPT2(nn.Module):
+    """GPT-2 as nanoGPT writes it: learned positions, Pre-LayerNorm, GELU MLP 4 d, biases, tied
+    embedding, N(0, 0.02) init (residual projections 0.02 / sqrt(2 L))."""
+
+    def __init__(self, vocab_size: int, d: int, n_layers: int, n_heads: int, max_seq_len: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.wte = nn.Embedding(vocab_size, d)
+        self.wpe = nn.Embedding(max_seq_len, d)
+        self.h = nn.ModuleList(GPT2Block(d, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias") and "ln_" not in name:
+                nn.init.zeros_(p)
+
+    def forward(self, tokens):
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.wte(tokens) + self.wpe(pos)
+        for block in self.h:
+            h = block(h)
+        return F.linear(self.ln_f(h), self.wte.weight).float()
+
+
 def plain_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -121,27 +201,69 @@ def plain_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-# ---------------------------------------------------------------- one measurement (child process)
+# ---------------------------------------------------------------- FLOPs
 
 
-def build(preset: str, model_kind: str):
-    """(model, step function) for one preset and model kind."""
+def matmul_params(model: nn.Module) -> int:
+    """Weights of the matrix multiplies: every linear layer's, and the tied embedding once (the
+    output layer; the embedding lookup itself is no matmul). Positions, norms, biases: none."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    embedding = model.wte if isinstance(model, GPT2) else model.tok_embeddings
+    return n + embedding.weight.numel()
+
+
+def flops_per_token(model: nn.Module, n_layers: int, d: int, seq_len: int) -> int:
+    """6 N_matmul + 6 L d T: forward and backward of the matmuls and of attention's two products."""
+    return 6 * matmul_params(model) + 6 * n_layers * d * seq_len
+
+
+# ---------------------------------------------------------------- the models of one config
+
+
+def model_config(config: str, model_kind: str = "mup"):
+    """The ModelConfig a config trains (``mup-hd64``: head dim 64, heads and KV heads to match)."""
+    from mutransfer.config import updated
+    from mutransfer.presets import at_width, get_preset
+
+    spec = CONFIGS[config]
+    cfg = get_preset(spec["preset"]).model
+    if spec["width"]:
+        cfg = at_width(cfg, spec["width"])
+    if model_kind == "mup-hd64":
+        n_heads = max(1, cfg.d_model // 64)
+        cfg = updated(cfg, "head dim 64", head_dim=cfg.d_model // n_heads, n_heads=n_heads,
+                      n_kv_heads=max(1, n_heads // cfg.gqa_ratio))
+    return cfg
+
+
+def build(config: str, model_kind: str, gpt2_head_dim: int):
+    """(model, step function, FLOPs per token, description) for one config and model kind."""
     from mutransfer.build import build_model
-    from mutransfer.config import HParams
+    from mutransfer.config import HParams, RunShape
     from mutransfer.model import loss_fn
     from mutransfer.optim import build_optimizers
     from mutransfer.presets import get_preset
 
-    shape, hp = get_preset(preset), HParams()
+    spec = CONFIGS[config]
+    hp = HParams()
+    cfg = model_config(config, model_kind)
     torch.manual_seed(0)
-    if model_kind == "mup":
+    if model_kind in ("mup", "mup-hd64"):
+        shape = RunShape(model=cfg, param=get_preset(spec["preset"]).param)
         model = build_model(shape, hp, seed=0)
         opt = build_optimizers(model, shape, hp, "adamw")
+        desc = f"d {cfg.d_model}, L {cfg.n_layers}, {cfg.n_heads}x{cfg.head_dim} heads ({cfg.n_kv_heads} KV)"
 
         def set_lr(factor):
             opt.set_lr_factor(factor)
     else:
-        model = PlainTransformer(shape.model)
+        if model_kind == "plain":
+            model = PlainTransformer(cfg)
+            desc = f"d {cfg.d_model}, L {cfg.n_layers}, {cfg.n_heads}x{cfg.head_dim} heads ({cfg.n_kv_heads} KV)"
+        else:
+            n_heads = max(1, cfg.d_model // gpt2_head_dim)
+            model = GPT2(cfg.vocab_size, cfg.d_model, cfg.n_layers, n_heads, spec["seq_len"])
+            desc = f"d {cfg.d_model}, L {cfg.n_layers}, {n_heads}x{cfg.d_model // n_heads} heads, MLP 4d"
         opt = plain_optimizer(model, hp.lr, hp.weight_decay)
 
         def set_lr(factor):
@@ -150,55 +272,90 @@ def build(preset: str, model_kind: str):
 
     params = list(model.parameters())
 
-    def step(fwd, x, y):
+    def step(fwd, x, y) -> tuple[float, float, float]:
+        """One training step; (loss, forward + backward seconds, optimizer seconds)."""
+        t0 = time.perf_counter()
         loss = loss_fn(fwd(x), y)
         loss.backward()
+        t1 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
         set_lr(1.0)
         opt.step()
         opt.zero_grad()
-        return loss.item()
+        value = loss.item()
+        return value, t1 - t0, time.perf_counter() - t1
 
-    return model, step
+    return model, step, flops_per_token(model, cfg.n_layers, cfg.d_model, spec["seq_len"]), desc
 
 
 def shapes(model: nn.Module) -> list[tuple[int, ...]]:
     return sorted(tuple(p.shape) for p in model.parameters())
 
 
-def measure(preset: str, model_kind: str, mode: str, batch_size: int, seq_len: int, steps: int) -> dict:
-    model, step = build(preset, model_kind)
-    vocab = model.cfg.vocab_size
+# ---------------------------------------------------------------- one config and mode (child process)
+
+
+def measure(config: str, mode: str, models: list[str], batch_size: int, seq_len: int, steps: int,
+            repeats: int, gpt2_head_dim: int) -> dict:
+    """Every model of ``config``, interleaved in this process; one result per model."""
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=gen)
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    fwd = model
-    result = {"params": sum(p.numel() for p in model.parameters()), "param_shapes": shapes(model)}
-    if mode == "compile":
-        fwd = torch.compile(model)
-    start = time.perf_counter()
-    step(fwd, x, y)  # compiles under torch.compile
-    result["first_step_s"] = time.perf_counter() - start
-    for _ in range(WARMUP_STEPS - 1):
-        step(fwd, x, y)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step(fwd, x, y)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    result.update(status="ok", steps=steps, step_s_median=med, step_s_mean=statistics.fmean(times),
-                  tokens_per_s=batch_size * seq_len / med, final_loss=loss)
-    return result
+    runs = {}
+    for kind in models:
+        model, step, flops, desc = build(config, kind, gpt2_head_dim)
+        tokens = torch.randint(0, model_config(config).vocab_size, (batch_size, seq_len + 1), generator=gen)
+        fwd = torch.compile(model) if mode == "compile" else model
+        runs[kind] = {"model": model, "step": step, "fwd": fwd, "x": tokens[:, :-1], "y": tokens[:, 1:],
+                      "result": {"model": kind, "describe": desc, "status": "ok",
+                                 "params": sum(p.numel() for p in model.parameters()),
+                                 "matmul_params": matmul_params(model), "flops_per_token": flops,
+                                 "param_shapes": shapes(model), "rounds": []}}
+    for run in runs.values():  # first steps: compile (under torch.compile) and warm-up
+        try:
+            start = time.perf_counter()
+            run["step"](run["fwd"], run["x"], run["y"])
+            run["result"]["first_step_s"] = time.perf_counter() - start
+            for _ in range(WARMUP_STEPS - 1):
+                run["step"](run["fwd"], run["x"], run["y"])
+        except Exception as e:  # noqa: BLE001 -- a compile failure is a result to report
+            run["result"].update(status="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
+    live = [k for k in models if runs[k]["result"]["status"] == "ok"]
+    for i in range(repeats):
+        for kind in (live if i % 2 == 0 else live[::-1]):
+            run = runs[kind]
+            times, fb, opt = [], [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                loss, t_fb, t_opt = run["step"](run["fwd"], run["x"], run["y"])
+                times.append(time.perf_counter() - t0)
+                fb.append(t_fb)
+                opt.append(t_opt)
+            run["result"]["rounds"].append({"step_s_median": statistics.median(times), "step_s": times,
+                                            "fwd_bwd_s_median": statistics.median(fb),
+                                            "optimizer_s_median": statistics.median(opt),
+                                            "load_average": os.getloadavg()[0]})
+            run["result"]["final_loss"] = loss
+    out = []
+    for kind in models:
+        r = runs[kind]["result"]
+        if r["status"] == "ok":
+            best = min(r["rounds"], key=lambda rd: rd["step_s_median"])
+            med = best["step_s_median"]
+            r.update(steps=steps, step_s_median=med, fwd_bwd_s=best["fwd_bwd_s_median"],
+                     optimizer_s=best["optimizer_s_median"], tokens_per_s=batch_size * seq_len / med,
+                     flops_per_s=batch_size * seq_len * r["flops_per_token"] / med,
+                     rounds_tokens_per_s=[round(batch_size * seq_len / rd["step_s_median"]) for rd in r["rounds"]])
+        out.append(r)
+    return {"results": out}
 
 
 def child(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        result = measure(args.preset, args.model, args.mode, args.batch_size, args.seq_len, args.steps)
-    except Exception as e:  # noqa: BLE001 -- a compile failure is a result to report
-        result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+        result = measure(args.config, args.mode, args.models, args.batch_size, args.seq_len, args.steps,
+                         args.repeats, args.gpt2_head_dim)
+    except Exception as e:  # noqa: BLE001 -- reported in the table
+        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
     print("RESULT " + json.dumps(result))
     return 0
 
@@ -206,42 +363,48 @@ def child(args) -> int:
 # ---------------------------------------------------------------- the table (parent process)
 
 
-def run_one(preset: str, model_kind: str, mode: str, args) -> dict:
-    d = DEFAULTS[preset]
-    batch = args.batch_size or d["batch_size"]
-    seq = args.seq_len or d["seq_len"]
-    steps = args.steps or d["steps"]
-    row = {"preset": preset, "model": model_kind, "mode": mode, "batch_size": batch, "seq_len": seq}
-    cmd = [sys.executable, __file__, "--child", "--preset", preset, "--model", model_kind, "--mode", mode,
-           "--batch-size", str(batch), "--seq-len", str(seq), "--steps", str(steps), "--threads", str(args.threads)]
+def run_config(config: str, mode: str, args) -> list[dict]:
+    spec = CONFIGS[config]
+    batch = args.batch_size or spec["batch_size"]
+    seq = args.seq_len or spec["seq_len"]
+    steps = args.steps or spec["steps"]
+    base = {"config": config, "mode": mode, "batch_size": batch, "seq_len": seq}
+    cmd = [sys.executable, __file__, "--child", "--config", config, "--mode", mode, "--models", *args.models,
+           "--batch-size", str(batch), "--seq-len", str(seq), "--steps", str(steps), "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--gpt2-head-dim", str(args.gpt2_head_dim)]
     timeout = args.compile_timeout if mode == "compile" else args.timeout
     start = time.perf_counter()
+    load = os.getloadavg()[0]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {**row, "status": "timeout", "error": f"no result within {timeout} s"}
-    row["wall_s"] = round(time.perf_counter() - start, 1)
+        return [{**base, "model": m, "status": "timeout", "error": f"no result within {timeout} s"}
+                for m in args.models]
+    wall = round(time.perf_counter() - start, 1)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {**row, "status": "failed", "error": f"exit {proc.returncode}: {tail[:300]}"}
-    return {**row, **json.loads(lines[-1][len("RESULT "):])}
+    payload = json.loads(lines[-1][len("RESULT "):]) if lines else {}
+    if "results" not in payload:
+        tail = payload.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return [{**base, "model": m, "status": "failed", "error": f"exit {proc.returncode}: {tail[:300]}"}
+                for m in args.models]
+    return [{**base, "wall_s": wall, "load_average_before": round(load, 2), **r} for r in payload["results"]]
 
 
-def best_of(preset: str, mode: str, args) -> tuple[dict, dict]:
-    """The faster of ``--repeats`` runs per model, alternating mup and plain (mup, plain, plain, mup, ...)
-    so that a change in background load does not favour one side."""
-    runs: dict[str, list[dict]] = {m: [] for m in MODELS}
-    for i in range(args.repeats):
-        for model_kind in (MODELS if i % 2 == 0 else MODELS[::-1]):
-            runs[model_kind].append(run_one(preset, model_kind, mode, args))
-    best = {}
-    for model_kind, rs in runs.items():
-        ok = [r for r in rs if r.get("status") == "ok"]
-        best[model_kind] = max(ok, key=lambda r: r["tokens_per_s"]) if ok else rs[-1]
-        best[model_kind]["repeats_tokens_per_s"] = [round(r["tokens_per_s"]) for r in ok]
-        best[model_kind]["repeats_first_step_s"] = [round(r["first_step_s"], 1) for r in ok]
-    return best["mup"], best["plain"]
+def add_ratios(rows: list[dict]) -> None:
+    """mup / plain in tokens/s (same FLOPs), every model / gpt2 in FLOP/s."""
+    by = {r["model"]: r for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        r["over_plain_tokens"] = r["over_gpt2_flops"] = None
+        if r.get("status") != "ok":
+            continue
+        if "plain" in by and r["model"] in ("mup", "plain"):
+            r["over_plain_tokens"] = round(r["tokens_per_s"] / by["plain"]["tokens_per_s"], 4)
+            if r["model"] == "mup" and r["param_shapes"] != by["plain"]["param_shapes"]:
+                r["warning"] = "parameter shapes differ between mup and plain"
+        if "gpt2" in by:
+            r["over_gpt2_flops"] = round(r["flops_per_s"] / by["gpt2"]["flops_per_s"], 4)
+    for r in rows:
+        r.pop("param_shapes", None)
 
 
 def cpu_model() -> str:
@@ -261,61 +424,69 @@ def machine() -> dict:
             "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
-def fmt_row(r: dict, ratio: str) -> str:
+HEADER = (f"{'config':<9} {'model':<8} {'mode':<7} {'batch':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'step ms':>8} "
+          f"{'opt ms':>7} {'/plain':>6} {'/gpt2':>6} {'1st s':>6}  status")
+
+
+def fmt_row(r: dict) -> str:
     shape = f"{r['batch_size']}x{r['seq_len']}"
+    lead = f"{r['config']:<9} {r['model']:<8} {r['mode']:<7} {shape:>7}"
     if r.get("status") != "ok":
-        return f"{r['preset']:<10} {r['model']:<6} {r['mode']:<8} {shape:>7} {'-':>10} {'-':>9} {ratio:>7} " \
-               f"{'-':>9}  {r['status']}: {r.get('error', '')[:70]}"
-    return (f"{r['preset']:<10} {r['model']:<6} {r['mode']:<8} {shape:>7} {r['tokens_per_s']:>10,.0f} "
-            f"{1000 * r['step_s_median']:>9.1f} {ratio:>7} {r['first_step_s']:>9.1f}  ok")
+        return f"{lead} {'-':>9} {'-':>8} {'-':>8} {'-':>7} {'-':>6} {'-':>6} {'-':>6}  {r['status']}: " \
+               f"{r.get('error', '')[:70]}"
+
+    def ratio(v):
+        return "-" if v is None else f"{v:.3f}"
+    return (f"{lead} {r['tokens_per_s']:>9,.0f} {r['flops_per_s'] / 1e9:>8.2f} {1000 * r['step_s_median']:>8.1f} "
+            f"{1000 * r['optimizer_s']:>7.1f} {ratio(r['over_plain_tokens']):>6} {ratio(r['over_gpt2_flops']):>6} "
+            f"{r['first_step_s']:>6.1f}  ok")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=list(DEFAULTS), choices=sorted(DEFAULTS))
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--no-compile", action="store_true", help="eager only (torch.compile is slow on CPU)")
-    parser.add_argument("--batch-size", type=int, help="override every preset's batch size")
-    parser.add_argument("--seq-len", type=int, help="override every preset's sequence length")
-    parser.add_argument("--steps", type=int, help="measured steps (default: per preset)")
+    parser.add_argument("--batch-size", type=int, help="override every config's batch size")
+    parser.add_argument("--seq-len", type=int, help="override every config's sequence length")
+    parser.add_argument("--steps", type=int, help="timed steps per model and round (default: per config)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, models interleaved; the best round counts")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per model, alternating; the best counts")
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per eager measurement")
-    parser.add_argument("--compile-timeout", type=int, default=1200, help="seconds per compiled measurement")
-    parser.add_argument("--out", default="runs/benchmarks/proxy_step.json", help="JSON results file")
-    # one measurement in this process (used by the parent for isolation)
+    parser.add_argument("--gpt2-head-dim", type=int, default=64, help="the GPT-2 baseline's head dimension")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per eager config")
+    parser.add_argument("--compile-timeout", type=int, default=2400, help="seconds per compiled config")
+    parser.add_argument("--json", "--out", dest="out", default="runs/benchmarks/proxy_step.json",
+                        help="JSON results file: every figure, every round")
+    # one (config, mode) in this process (used by the parent for isolation)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--preset", help=argparse.SUPPRESS)
-    parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
-    modes = ["eager"] if args.no_compile else list(MODES)
+    modes = ["eager"] if args.no_compile else args.modes
     info = machine()
     print(f"machine: {info['cpu']}, {info['nproc']} cores, torch {info['torch']}, "
-          f"threads {args.threads or info['torch_threads_default']}", flush=True)
-    print(f"{'preset':<10} {'model':<6} {'mode':<8} {'batch':>7} {'tokens/s':>10} {'step ms':>9} "
-          f"{'mup/pl':>7} {'1st s':>9}  status", flush=True)
+          f"threads {args.threads or info['torch_threads_default']}, load average {info['load_average_start']}",
+          flush=True)
+    print(HEADER, flush=True)
     rows = []
-    for preset in args.presets:
+    for config in args.configs:
         for mode in modes:
-            mup, plain = best_of(preset, mode, args)
-            ratio = math.nan
-            if mup.get("status") == plain.get("status") == "ok":
-                ratio = mup["tokens_per_s"] / plain["tokens_per_s"]
-                if mup["param_shapes"] != plain["param_shapes"]:
-                    mup["warning"] = plain["warning"] = "parameter shapes differ between the models"
-            for r in (mup, plain):
-                r["mup_over_plain"] = None if math.isnan(ratio) else round(ratio, 4)
-                r.pop("param_shapes", None)
-                rows.append(r)
-                print(fmt_row(r, "-" if math.isnan(ratio) or r is plain else f"{ratio:.3f}"), flush=True)
+            group = run_config(config, mode, args)
+            add_ratios(group)
+            for r in group:
+                print(fmt_row(r), flush=True)
+            rows.extend(group)
+    info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "proxy_step", "machine": info, "threads": args.threads or None,
-                               "warmup_steps": WARMUP_STEPS, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+                               "repeats": args.repeats, "warmup_steps": WARMUP_STEPS,
+                               "flops_per_token": "6 N_matmul + 6 L d T", "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out} (load average at the end: {info['load_average_end']})")
     return 0
 
 

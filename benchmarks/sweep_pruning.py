@@ -45,7 +45,7 @@ def dump_toml(data: dict) -> str:
 
 
 def main() -> int:
-    from proxy_sweeps.engine import run_sweep
+    from proxy_sweeps.sweep import run_sweep
 
     ap = argparse.ArgumentParser()
     ap.add_argument("file", nargs="?", default=str(ROOT / "proxy_sweeps" / "quickstart.toml"))

@@ -1,11 +1,16 @@
-"""Checkpoints with torch.distributed.checkpoint: atomic, the newest k kept, resumed automatically.
+"""Checkpoints with torch.distributed.checkpoint: atomic, verified on load, the newest k kept.
 
 Layout: ``DIR/checkpoints/step_00001234/`` holds the DCP files (model and both optimizers, sharded
 as trained: FSDP2 DTensors or full tensors), ``trainer.json`` (stage, step, optimizer kind, switch
-step, tokens seen, data position) and ``rng/rank_<r>.pt`` (each rank's RNG states). Every rank
-writes into ``.tmp-step_...``; after a barrier rank 0 renames it to ``step_...``. A rename is atomic,
-so a directory named ``step_*`` is complete by construction and a crash mid-save leaves only a
-``.tmp-*`` that the next start deletes: a partial save never replaces a good one.
+step, tokens seen, data position, fingerprints), ``rng/rank_<r>.pt`` (each rank's RNG states) and,
+written last, ``manifest.json``: the size and CRC-32 of every other file. Every rank writes into
+``.tmp-step_...`` (and the checksums of the files it wrote); after a barrier rank 0 writes the
+manifest and renames the directory to ``step_...``. A rename is atomic, so a crash mid-save leaves
+only a ``.tmp-*`` that the next start deletes: a partial save never replaces a good one.
+
+On resume every ``step_*`` is checked against its manifest, newest first (rank 0 checks, every
+rank gets the verdict): one with a missing, truncated or altered file is reported by name and
+skipped, and the run resumes from the newest good one.
 
 Optimizer states go through ``get/set_optimizer_state_dict``, which key them by parameter name,
 so a checkpoint loads into a fresh model and into another data-parallel size.
@@ -19,11 +24,14 @@ import os
 import random
 import re
 import shutil
+import signal
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -35,9 +43,14 @@ from torch.distributed.checkpoint.state_dict import (
 
 from full_scale.distributed import DistEnv, barrier
 from mutransfer.optim import OptimizerSet
+from mutransfer.rundir import write_json
 
 NAME = re.compile(r"^step_(\d{8})$")
+FAILPOINT_ENV = "MUTRANSFER_FAILPOINT"  # fault injection for the tests: "<phase>@<n-th save>"
+_saves = 0
 TRAINER_FILE = "trainer.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "mutransfer.checkpoint.manifest/1"
 
 
 @contextlib.contextmanager
@@ -73,21 +86,74 @@ def checkpoint_root(out: Path) -> Path:
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+    """Directories named ``step_*`` that have a manifest, oldest first (not yet verified)."""
     root = checkpoint_root(out)
     if not root.is_dir():
         return []
     found = []
     for d in root.iterdir():
         m = NAME.match(d.name)
-        if m and (d / ".metadata").is_file() and (d / TRAINER_FILE).is_file():
+        if m and (d / MANIFEST_FILE).is_file():
             found.append((int(m.group(1)), d))
     return sorted(found)
 
 
-def latest(out: Path) -> Path | None:
-    ckpts = list_checkpoints(out)
-    return ckpts[-1][1] if ckpts else None
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _describe(files: list[Path], root: Path) -> dict:
+    return {str(f.relative_to(root)): {"size": f.stat().st_size, "crc32": _crc32(f)} for f in files}
+
+
+def verify(path: Path) -> str | None:
+    """None when every file of the checkpoint matches its manifest, else what is wrong."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"unreadable {MANIFEST_FILE} ({e})"
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return f"{MANIFEST_FILE} has an unknown format"
+    for name, expected in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != expected["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+        if _crc32(f) != expected["crc32"]:
+            return f"{name} does not match its checksum (altered or corrupt)"
+    for required in (".metadata", TRAINER_FILE):
+        if required not in manifest["files"]:
+            return f"{required} is not in the manifest"
+    try:
+        json.loads((path / TRAINER_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{TRAINER_FILE} is not valid JSON ({e})"
+    return None
+
+
+def latest_good(out: Path, env: DistEnv, report=None) -> Path | None:
+    """The newest checkpoint that verifies; each bad newer one is reported by name (``report(path, why)``).
+
+    Rank 0 checks the files and broadcasts its choice, so every rank resumes from the same one.
+    """
+    choice = [None]
+    if env.is_main:
+        for _, path in reversed(list_checkpoints(out)):
+            problem = verify(path)
+            if problem is None:
+                choice[0] = str(path)
+                break
+            if report is not None:
+                report(path, problem)
+    if env.distributed:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
 
 
 def clean_partial(out: Path, env: DistEnv) -> None:
@@ -100,10 +166,20 @@ def clean_partial(out: Path, env: DistEnv) -> None:
     barrier(env)
 
 
+def _failpoint(phase: str) -> None:
+    """Die here (SIGKILL, as a crash would) when the environment asks for it: the fault-injection
+    tests kill a save at each of its phases and check that the run resumes exactly."""
+    wanted = os.environ.get(FAILPOINT_ENV)
+    if wanted and wanted == f"{phase}@{_saves}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save(out: Path, env: DistEnv, model: nn.Module, opts: OptimizerSet, trainer: dict, keep: int,
          keep_stage_ends: bool = False) -> Path:
     """Write the checkpoint for ``trainer["step"]`` (the next step to run) atomically, then prune
     all but the newest ``keep`` (and, with ``keep_stage_ends``, those saved at a stage's end)."""
+    global _saves
+    _saves += 1
     step = trainer["step"]
     root = checkpoint_root(out)
     final = root / f"step_{step:08d}"
@@ -116,24 +192,55 @@ def save(out: Path, env: DistEnv, model: nn.Module, opts: OptimizerSet, trainer:
         dcp.save(_state(model, opts), checkpoint_id=str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank}.pt")
+    _failpoint("shards")
     if env.is_main:
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=2, sort_keys=True) + "\n")
+        write_json(tmp / TRAINER_FILE, trainer)
     barrier(env)
+    # Each rank sums the files it wrote; rank 0 also the shared ones. Rank 0 writes the manifest last.
+    mine = [f for f in tmp.rglob("*") if f.is_file() and _written_by(f.name, env.rank)]
+    sums = _describe(mine, tmp)
+    gathered = [None] * env.world_size
+    if env.distributed:
+        dist.all_gather_object(gathered, sums)
+    else:
+        gathered = [sums]
     if env.is_main:
-        _fsync_dir(tmp)
+        files = {k: v for part in gathered for k, v in part.items()}
+        write_json(tmp / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "step": step, "files": files})
+        _failpoint("manifest")
+        _fsync_tree(tmp)
         if final.exists():  # the same step saved before (a resumed run repeating a save): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        _fsync_tree(root, recursive=False)
+        _failpoint("renamed")
         for _, old in list_checkpoints(out)[:-keep]:
-            if not (keep_stage_ends and read_trainer(old).get("stage_end")):
+            if not (keep_stage_ends and _stage_end(old)):
                 shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in sorted(path.rglob("*")) + [path]:
+def _written_by(name: str, rank: int) -> bool:
+    """DCP names a rank's data files ``__<rank>_<n>.distcp``; the shared files are rank 0's."""
+    m = re.match(r"^__(\d+)_\d+\.distcp$", name)
+    if m:
+        return int(m.group(1)) == rank
+    m = re.match(r"^rank_(\d+)\.pt$", name)
+    if m:
+        return int(m.group(1)) == rank
+    return rank == 0
+
+
+def _stage_end(path: Path) -> bool:
+    try:
+        return bool(read_trainer(path).get("stage_end"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _fsync_tree(path: Path, recursive: bool = True) -> None:
+    for f in (sorted(path.rglob("*")) if recursive else []) + [path]:
         try:
             fd = os.open(f, os.O_RDONLY)
         except OSError:

@@ -26,7 +26,10 @@ def register(sub) -> None:
                                  "checkpoints")
     p.add_argument("--from-checkpoint", metavar="CKPT_DIR",
                    help="start from another run's checkpoint (e.g. branch the AdamW-only control off the "
-                        "pre-decay checkpoint with --set optimizer.switch=false); ignored once --out has its own")
+                        "pre-decay checkpoint with --set optimizer.switch=false); refused once --out has its own")
+    p.add_argument("--allow-changed-inputs", action="store_true",
+                   help="resume although the config, lock or data differ from the checkpoint's (recorded in "
+                        "events.jsonl)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -34,12 +37,13 @@ def register(sub) -> None:
 def run(args) -> int:
     from full_scale.config import load_run_config
     from full_scale.trainer import train
-    from mutransfer.training import Diverged
+    from mutransfer.step import Diverged
 
     cfg = load_run_config(args.config, args.overrides, args.hparams)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:
-        summary = train(cfg, out, quiet=args.quiet, from_checkpoint=args.from_checkpoint)
+        summary = train(cfg, out, quiet=args.quiet, from_checkpoint=args.from_checkpoint,
+                        allow_changed_inputs=args.allow_changed_inputs)
     except Diverged as e:
         print(f"error: training diverged: {e.reason}", file=sys.stderr)
         return 1

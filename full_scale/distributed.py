@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from mutransfer.config import ConfigError
+from mutransfer.rundir import pick_device
 
 
 @dataclass(frozen=True)
@@ -37,20 +37,11 @@ class DistEnv:
         return self.world_size > 1
 
 
-def pick_device(setting: str, local_rank: int) -> torch.device:
-    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA device is visible")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
 def setup(device_setting: str) -> DistEnv:
     """Join torchrun's process group when launched by it; otherwise a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_setting, local_rank)
+    device = pick_device(device_setting, local_rank)  # the one device rule (mutransfer.rundir)
     if world == 1 and not dist.is_initialized():
         return DistEnv(0, 1, 0, device, owns_group=False)
     owns = False
@@ -80,11 +71,14 @@ def mean_across(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def wrap(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
+def wrap(model: nn.Module, env: DistEnv, mode: str, precision: str = "fp32") -> nn.Module:
     """DDP, or FSDP2 per block then root; the returned module is what the loop calls.
 
-    FSDP2 changes the module in place (same names, DTensor parameters); DDP wraps it, and the
-    caller keeps the inner module for optimizers and checkpoints.
+    FSDP2 changes the module in place (same names, DTensor parameters) and works on a meta-device
+    model too (shard first, allocate after); DDP wraps a materialised one, and the caller keeps the
+    inner module for optimizers and checkpoints. Under bf16/FP8 FSDP2 gathers bf16 parameters and
+    reduces gradients in float32 (``MixedPrecisionPolicy``), as torchtitan does; master weights,
+    gradients and optimizer states stay float32.
     """
     if not env.distributed:
         return model
@@ -95,12 +89,14 @@ def wrap(model: nn.Module, env: DistEnv, mode: str) -> nn.Module:
         return DistributedDataParallel(model, device_ids=ids)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision != "fp32" else MixedPrecisionPolicy()
         for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     raise ConfigError(f"parallel.mode = {mode!r}: allowed 'fsdp', 'ddp'")
 
@@ -117,14 +113,3 @@ def grad_sync(model: nn.Module, sync: bool):
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(sync)
     yield
-
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global gradient norm (sharded grads included), clipped to ``max_norm`` when it is > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total

@@ -1,16 +1,20 @@
 """The full-scale training loop: stages, the AdamW -> Muon switch, accumulation, eval, checkpoints.
 
-Plain torchtitan/nanoGPT-style loop. Per step: find the stage and phase; at the switch stage's
-first step swap the hidden matrices to Muon; set every group's LR to ``base_lr x factor(step)``;
-run ``accumulation`` micro-batches (rows of the global batch picked by rank and micro index, so
-the global batch is the same for any data-parallel size); clip; step; log; maybe evaluate and
-checkpoint. Everything that decides the numbers is a function of the config, the lock file and
-the step, so a resumed run repeats the uninterrupted one exactly.
+Plain torchtitan/nanoGPT-style loop around the shared step (``mutransfer.step``). Per step: find
+the stage and phase; at the switch stage's first step swap the hidden matrices to Muon; gather
+``accumulation`` micro-batches (rows of the global batch picked by rank and micro index, so the
+global batch is the same for any data-parallel size); ``train_step`` with every group's LR at
+``base_lr x factor(step)``; the divergence rule; log; maybe evaluate and checkpoint. Everything
+that decides the numbers is a function of the config, the lock file and the step, so a resumed
+run repeats the uninterrupted one exactly.
+
+Before anything is written to the run directory, a start checks what it would resume: the newest
+checkpoint that verifies (corrupt ones are reported and skipped), and that its recorded config,
+lock and data fingerprints are this run's (``allow_changed_inputs`` overrides, and is recorded).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -22,37 +26,36 @@ from full_scale import checkpoint
 from full_scale import distributed as dist_utils
 from full_scale.config import RunConfig
 from full_scale.data import Mixture, source_seed
-from full_scale.distributed import DistEnv, barrier, clip_grad_norm, grad_sync, mean_across
-from full_scale.metrics import MetricsWriter, environment, peak_flops, read_rows, write_json
-from full_scale.muon import use_gathered_muon
-from mutransfer.build import build_model
+from full_scale.distributed import DistEnv, barrier, grad_sync, mean_across
+from full_scale.metrics import MetricsWriter, peak_flops, read_rows
+from mutransfer.build import build_model, configure_model, materialize
 from mutransfer.config import ConfigError
-from mutransfer.model import loss_fn
 from mutransfer.optim import OptimizerSet, build_optimizers, switch_to_muon
 from mutransfer.plan import flops_per_token
-from mutransfer.training import Diverged
+from mutransfer.rundir import environment, read_json, write_json
+from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
 
 
-def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint: str | Path | None = None
-          ) -> dict:
+def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint: str | Path | None = None,
+          allow_changed_inputs: bool = False) -> dict:
     """Run (or resume) the whole multi-stage run in ``out``; returns a summary.
 
     ``from_checkpoint``: start a new run from another run's checkpoint (e.g. the AdamW-only
-    control branching off at the pre-decay checkpoint); ignored once ``out`` has its own.
+    control branching off at the pre-decay checkpoint); refused once ``out`` has its own.
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     env = dist_utils.setup(cfg.train.device)
     try:
-        return Trainer(cfg, Path(out), env, quiet, from_checkpoint).run()
+        return Trainer(cfg, Path(out), env, quiet, from_checkpoint, allow_changed_inputs).run()
     finally:
         dist_utils.teardown(env)
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out: Path, env: DistEnv, quiet: bool,
-                 from_checkpoint: str | Path | None = None):
-        from mutransfer.precision import available, prepare_model
+                 from_checkpoint: str | Path | None = None, allow_changed_inputs: bool = False):
+        from mutransfer.precision import available
 
         self.cfg, self.out, self.env = cfg, out, env
         self.quiet = quiet or not cfg.metrics.progress
@@ -61,58 +64,87 @@ class Trainer:
             raise ConfigError(f"train.precision = {cfg.train.precision!r} is not available here: {why}")
         cfg.stages.validate_parallel(env.world_size)
         self.datasets = self._open_datasets()
-        self._prepare_out_dir()
-        self.mixtures = {s.name: Mixture(s.mixture, self.datasets, cfg.train.data_seed)
-                         for s in cfg.stages.stages}
-        self.val = self.datasets[cfg.val_spec].eval_batches(
-            "val", batch_size=cfg.train.eval_batch_size, seq_len=cfg.eval_seq_len,
-            max_batches=cfg.train.eval_batches)
-
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.shape, cfg.hp, device=env.device, seed=cfg.train.seed)
-        self.inner = prepare_model(model, cfg.train.precision)  # names kept: the muP roles still apply
-        self.model = dist_utils.wrap(self.inner, env, cfg.parallel.mode)
-        self.params = [p for p in self.inner.parameters() if p.requires_grad]
-
+        self.skipped: list[tuple[str, str]] = []  # (checkpoint, why) of corrupt checkpoints passed over
         checkpoint.clean_partial(out, env)
-        self.resumed_from = checkpoint.latest(out)
-        self.branched = self.resumed_from is None and from_checkpoint is not None
+        self.resumed_from = checkpoint.latest_good(out, env, report=self._report_bad)
+        if from_checkpoint is not None and self.resumed_from is not None:
+            raise ConfigError(f"--from-checkpoint {from_checkpoint}: {out} already holds checkpoints (newest good: "
+                              f"{self.resumed_from.name}); resume it without --from-checkpoint, or use another --out")
+        self.branched = from_checkpoint is not None
         if self.branched:
             self.resumed_from = self._check_branch_point(Path(from_checkpoint))
         self.state = {"step": 0, "tokens": 0, "switched_at": None}
+        self.changed_inputs: list[str] = []
         kind = cfg.stages.stages[0].optimizer
+        saved = None
         if self.resumed_from is not None:
             saved = checkpoint.read_trainer(self.resumed_from)
+            self.changed_inputs = self._compare_inputs(saved, allow_changed_inputs)
             self.state = {k: saved[k] for k in self.state}
             kind = saved["optimizer"]
+        self.finished = self.state["step"] >= cfg.stages.total_steps
+        if self.finished:  # nothing to train, and nothing of the finished run is rewritten
+            self.metrics = MetricsWriter(out, False, self.state["step"], False)
+            return
+        self.mixtures = {s.name: Mixture(s.mixture, self.datasets, cfg.train.data_seed) for s in cfg.stages.stages}
+        rows = cfg.train.eval_micro_batch or cfg.train.eval_batch_size  # evaluation runs in micro-batches
+        self.val = [(xs, ys) for x, y in self.datasets[cfg.val_spec].eval_batches(
+            "val", batch_size=cfg.train.eval_batch_size, seq_len=cfg.eval_seq_len, max_batches=cfg.train.eval_batches)
+            for xs, ys in zip(x.split(rows), y.split(rows), strict=True)]
+
+        torch.manual_seed(cfg.train.seed)
+        self.inner = self._build_model()
+        self.model = self.inner if cfg.parallel.mode == "fsdp" or not env.distributed else \
+            dist_utils.wrap(self.inner, env, cfg.parallel.mode)
+        self.params = [p for p in self.inner.parameters() if p.requires_grad]
         self.opts = self._optimizers(kind)
-        if self.resumed_from is not None:
+        self.guard = DivergenceGuard(cfg.train.diverge_ratio)
+        if saved is not None:
             checkpoint.load(self.resumed_from, env, self.inner, self.opts)
+            self.guard.load_state_dict(saved.get("divergence", {}))
+        self._write_run_files()
         self.metrics = MetricsWriter(out, env.is_main, self.state["step"], cfg.metrics.tensorboard)
+        for path, why in self.skipped:
+            self.metrics.event(self.state["step"], "checkpoint_skipped", path=path, why=why)
         self.peak = peak_flops(env.device, cfg.metrics.peak_flops)
         self._flops: dict[int, int] = {}
 
     # --- setup -------------------------------------------------------------------------------
-    def _prepare_out_dir(self) -> None:
-        """config.json and env.json; refuse to resume a directory trained with another config.
+    def _report_bad(self, path: Path, why: str) -> None:
+        self.skipped.append((str(path), why))
+        print(f"warning: checkpoint {path} is corrupt ({why}); resuming from an older one", file=sys.stderr)
 
-        Every rank checks (so all fail together); rank 0 writes.
-        """
-        cfg, out = self.cfg, self.out
-        existing = out / "config.json"
-        if existing.is_file():
-            old = json.loads(existing.read_text())
-            if old.get("trajectory_fingerprint") != cfg.trajectory_fingerprint():
-                changed = sorted(k for k in set(old.get("config", {})) | set(cfg.raw)
-                                 if old.get("config", {}).get(k) != cfg.raw.get(k))
-                raise ConfigError(f"{out} holds a run with a different config or lock file (differs in "
-                                  f"{changed or ['the hparams lock']}); resume it with the same config, "
-                                  "or use another --out")
+    def _fingerprints(self) -> dict:
+        return {spec: ds.fingerprint for spec, ds in self.datasets.items()}
+
+    def _compare_inputs(self, saved: dict, allow: bool) -> list[str]:
+        """What differs between the checkpoint's recorded inputs and this run's; refused unless ``allow``."""
+        cfg = self.cfg
+        changed = []
+        # A branch (--from-checkpoint) changes the config on purpose; its lock and data must still match.
+        if not self.branched and saved.get("trajectory_fingerprint") != cfg.trajectory_fingerprint():
+            changed.append("the config (a trajectory setting) or the hparams lock")
+        if saved.get("lock_content_hash", cfg.lock.content_hash) != cfg.lock.content_hash:
+            changed.append(f"the hparams lock ({saved.get('lock_content_hash')} -> {cfg.lock.content_hash})")
+        recorded = saved.get("data", {}).get("fingerprints", {})
+        now = self._fingerprints()
+        for spec in sorted(set(recorded) | set(now)):
+            if recorded.get(spec) != now.get(spec):
+                changed.append(f"data {spec!r} (fingerprint {str(recorded.get(spec))[:12]} -> "
+                               f"{str(now.get(spec))[:12]})")
+        if changed and not allow:
+            raise ConfigError(f"{self.out}: the run in this directory (checkpoint {self.resumed_from.name}) was "
+                              f"made with other inputs: {'; '.join(changed)}. Resume with the same config, lock "
+                              "and data, use another --out, or pass --allow-changed-inputs (recorded)")
+        return changed
+
+    def _write_run_files(self) -> None:
+        """config.json and env.json, once every check has passed (a failed start writes nothing)."""
         barrier(self.env)
         if self.env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(existing, cfg.to_json())
-            write_json(out / "env.json", environment(self.env.world_size, self.env.device))
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", self.cfg.to_json())
+            write_json(self.out / "env.json", environment(self.env.world_size, str(self.env.device)))
         barrier(self.env)
 
     def _open_datasets(self) -> dict:
@@ -130,9 +162,12 @@ class Trainer:
         return datasets
 
     def _check_branch_point(self, path: Path) -> Path:
-        """Another run's checkpoint as this run's start: complete, inside the run, same optimizer."""
-        if not (path / ".metadata").is_file() or not (path / checkpoint.TRAINER_FILE).is_file():
+        """Another run's checkpoint as this run's start: verified, inside the run, same optimizer."""
+        if not (path / checkpoint.MANIFEST_FILE).is_file():
             raise ConfigError(f"--from-checkpoint {path}: not a complete checkpoint directory (step_*)")
+        problem = checkpoint.verify(path)
+        if problem is not None:
+            raise ConfigError(f"--from-checkpoint {path}: the checkpoint is corrupt: {problem}")
         saved = checkpoint.read_trainer(path)
         plan = self.cfg.stages
         if not 0 < saved["step"] < plan.total_steps:
@@ -144,8 +179,27 @@ class Trainer:
                               f"matrices but this config has {wanted} at step {saved['step'] - 1}")
         return path
 
+    def _build_model(self):
+        """The model on this rank: built on the meta device, FP8 modules swapped in (names kept, so
+        the muP roles still apply), sharded (FSDP2), then only this rank's shards allocated and
+        initialised (``materialize``): no full model on any rank. Transformer Engine's modules copy
+        their weights when swapped in, so under fp8-te the model is built on the device first."""
+        from mutransfer.precision import prepare_model
+
+        cfg, env = self.cfg, self.env
+        on_meta = cfg.train.precision != "fp8-te"
+        model = build_model(cfg.shape, cfg.hp, device="meta" if on_meta else env.device, seed=cfg.train.seed)
+        model = prepare_model(model, cfg.train.precision)
+        configure_model(model, cfg.train)
+        if env.distributed and cfg.parallel.mode == "fsdp":
+            dist_utils.wrap(model, env, "fsdp", precision=cfg.train.precision)
+        if on_meta:
+            materialize(model, cfg.shape, cfg.hp, env.device, cfg.train.seed)
+        return model
+
     def _optimizers(self, kind: str) -> OptimizerSet:
-        return use_gathered_muon(build_optimizers(self.inner, self.cfg.shape, self.cfg.hp, kind))
+        switch, param = self.cfg.stages.switch, self.cfg.shape.param.parametrization
+        return build_optimizers(self.inner, self.cfg.shape, self.cfg.hp, kind, fuse=switch.fuse_for(param))
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -153,18 +207,26 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         plan = cfg.stages
+        summary_path = self.out / "summary.json"
+        if self.finished:
+            self.metrics.close()
+            if env.is_main:
+                print(f"{self.out}: the run is already finished (step {self.state['step']}); nothing to do",
+                      file=sys.stderr)
+            return read_json(summary_path, "run summary") if summary_path.is_file() else {"steps": plan.total_steps}
         schedule = plan.schedule()
         start = self.state["step"]
         self.metrics.event(start, "resume" if self.resumed_from else "start",
                            branched=self.branched,
                            checkpoint=str(self.resumed_from) if self.resumed_from else None,
+                           changed_inputs=self.changed_inputs or None,
                            world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None)
         bar = tqdm(total=plan.total_steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                    disable=self.quiet or not env.is_main, mininterval=0.5)
         last = {}
         try:
             for step in range(start, plan.total_steps):
-                last = self._train_step(step, schedule.factor(step))
+                last = self._train_step(step, schedule)
                 bar.set_postfix(stage=last["stage"], opt=last["optimizer"], loss=f"{last['loss']:.4f}",
                                 refresh=False)
                 bar.update(1)
@@ -177,60 +239,63 @@ class Trainer:
         if env.is_main:
             vals = [r["val_loss"] for r in read_rows(self.out / "metrics.jsonl") if "val_loss" in r]
             summary["final_val_loss"] = vals[-1] if vals else None
-            write_json(self.out / "summary.json", summary)
+            write_json(summary_path, summary)
         return summary
 
-    def _train_step(self, step: int, lr_factor: float) -> dict:
+    def _switch(self, step: int, stage) -> None:
+        cfg = self.cfg
+        switch, param = cfg.stages.switch, cfg.shape.param.parametrization
+        restart, fuse = switch.restart_for(param), switch.fuse_for(param)
+        self.opts = switch_to_muon(self.inner, cfg.shape, cfg.hp, self.opts, carry_momentum=switch.carry_momentum,
+                                   restart=restart, fuse=fuse)
+        self.state["switched_at"] = step
+        self.metrics.event(step, "switch", to="muon", stage=stage.name, carry_momentum=switch.carry_momentum,
+                           restart=restart, muon_fuse=fuse,
+                           muon_params=[n for g in self.opts.optimizers["muon"].param_groups for n in g["names"]])
+
+    def _train_step(self, step: int, schedule) -> dict:
         cfg, env = self.cfg, self.env
         stage_index, stage = cfg.stages.stage_at(step)
         phase_index, phase = stage.phase_at(step)
-        switched = False
-        if stage.optimizer == "muon" and self.opts.kind == "adamw":
-            self.opts = use_gathered_muon(switch_to_muon(self.inner, cfg.shape, cfg.hp, self.opts,
-                                                         carry_momentum=cfg.stages.switch.carry_momentum))
-            self.state["switched_at"] = step
-            switched = True
-            self.metrics.event(step, "switch", to="muon", stage=stage.name,
-                               carry_momentum=cfg.stages.switch.carry_momentum,
-                               muon_params=[n for g in self.opts.optimizers["muon"].param_groups
-                                            for n in g["names"]])
-        self.opts.set_lr_factor(lr_factor)
-
+        policy = stage.checkpointing or cfg.train.activation_checkpointing
+        if self.inner.layers[0].checkpointing != policy:  # this stage's recomputation (plain attributes)
+            self.inner.set_activation_checkpointing(policy)
+        switched = stage.optimizer == "muon" and self.opts.kind == "adamw"
+        if switched:
+            self._switch(step, stage)
         t0 = time.perf_counter()
         accum = phase.accumulation(env.world_size)
         mixture = self.mixtures[stage.name]
-        loss_sum = torch.zeros((), device=env.device)
+        micro = []
         for k in range(accum):
             first_row = (env.rank * accum + k) * phase.micro_batch
-            rows = slice(first_row, first_row + phase.micro_batch)
-            x, y = mixture.batch(step, phase.global_batch, phase.seq_len, rows)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            with grad_sync(self.model, k == accum - 1):
-                with self._autocast():
-                    loss = loss_fn(self.model(x), y) / accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(self.params, cfg.hp.grad_clip)
-        self.opts.step()
-        self.opts.zero_grad()
-        loss_value = mean_across(env, loss_sum).item()
+            x, y = mixture.batch(step, phase.global_batch, phase.seq_len,
+                                 slice(first_row, first_row + phase.micro_batch))
+            micro.append((x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)))
+        out = train_step(self.model, self.opts, micro, params=self.params, precision=cfg.train.precision,
+                         device_type=env.device.type, grad_clip=cfg.hp.grad_clip,
+                         lr_factor=lambda peak: schedule.factor(step, peak),
+                         sync=lambda last: grad_sync(self.model, last), reduce=lambda v: mean_across(env, v))
         seconds = time.perf_counter() - t0
 
         self.state["tokens"] += phase.tokens_per_step
         tokens_per_s = phase.tokens_per_step / seconds
         row = {
             "step": step, "stage": stage.name, "stage_index": stage_index, "phase": phase_index,
-            "optimizer": self.opts.kind, "switch": switched, "loss": loss_value,
-            "lr": self.opts.lrs_by_role(), "lr_factor": lr_factor, "grad_norm": float(grad_norm),
+            "optimizer": self.opts.kind, "switch": switched, "loss": out.loss, "checkpointing": policy,
+            "lr": self.opts.lrs_by_role(), "lr_factor": schedule.factor(step, cfg.stages.hidden_peak_lr),
+            "grad_norm": out.grad_norm,
             "global_batch": phase.global_batch, "micro_batch": phase.micro_batch, "accumulation": accum,
             "dp_size": env.world_size, "seq_len": phase.seq_len, "tokens_per_step": phase.tokens_per_step,
             "tokens": self.state["tokens"], "step_time_s": seconds, "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(phase.seq_len, tokens_per_s),
             "mixture_rows": mixture.counts(step, phase.global_batch),
         }
-        if not math.isfinite(loss_value):
+        try:
+            self.guard.check(step, out.loss, stage.name)
+        except Diverged:
             self.metrics.row(row)
-            raise Diverged(f"training loss is {loss_value} at step {step} (stage {stage.name})")
+            raise
         done = step + 1
         if done % cfg.train.eval_every == 0 or done == stage.end_step:
             row["val_loss"] = self._evaluate()
@@ -241,23 +306,12 @@ class Trainer:
             self._save(done, stage_index, stage_end=done == stage.end_step)
         return row
 
-    def _autocast(self):
-        from mutransfer.precision import autocast
-
-        return autocast(self.cfg.train.precision, self.env.device.type)
-
-    @torch.no_grad()
     def _evaluate(self) -> float:
         """Held-out loss over fixed windows; every rank runs the same batches (FSDP needs all ranks)."""
-        self.model.eval()
-        total, count = 0.0, 0
-        for x, y in self.val:
-            x, y = x.to(self.env.device), y.to(self.env.device)
-            with self._autocast():
-                total += loss_fn(self.model(x), y).item() * x.shape[0]
-            count += x.shape[0]
-        self.model.train()
-        return total / count
+        try:
+            return evaluate(self.model, self.val, precision=self.cfg.train.precision, device=self.env.device).loss
+        except Diverged:
+            return math.nan
 
     def _mfu(self, seq_len: int, tokens_per_s: float) -> float | None:
         if self.peak is None:
@@ -274,8 +328,10 @@ class Trainer:
             "optimizer": self.opts.kind, "world_size": self.env.world_size, "stage_end": stage_end,
             "data": {"data_seed": cfg.train.data_seed, "next_step": next_step,
                      "source_seeds": {s.name: source_seed(cfg.train.data_seed, s) for s in stage.mixture},
-                     "fingerprints": {spec: ds.fingerprint for spec, ds in self.datasets.items()}},
+                     "fingerprints": self._fingerprints()},
             "trajectory_fingerprint": cfg.trajectory_fingerprint(),
+            "lock_content_hash": cfg.lock.content_hash,
+            "divergence": self.guard.state_dict(),
         }
         path = checkpoint.save(self.out, self.env, self.inner, self.opts, trainer, cfg.checkpoint.keep,
                                keep_stage_ends=cfg.checkpoint.keep_stage_ends)

@@ -13,19 +13,32 @@ step: (W_after - W_before) applied to the input that forward saw. Statistics: ``
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from mutransfer.config import ConfigError, HParams, RunShape
-from mutransfer.model import loss_fn
-from mutransfer.parametrization import OPTIMIZERS, PARAMETRIZATIONS, role_of
-from mutransfer.presets import get_preset, width_family
+from mutransfer.config import (
+    Config,
+    ConfigError,
+    HParams,
+    NonNegFloat,
+    NonNegInt,
+    OptimizerName,
+    Parametrization,
+    PosFloat,
+    PosInt,
+    Precision,
+    RunShape,
+    updated,
+)
+from mutransfer.model import TiedLogits, loss_fn
+from mutransfer.parametrization import role_of
+from mutransfer.presets import at_depth, at_width, get_preset
+from mutransfer.step import train_step
 
 STATISTICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "l1": lambda x: x.abs().mean(),
@@ -47,77 +60,79 @@ DEFAULT_LR = {"adamw": 0.01, "muon": 0.02}
 WIDTH_DOUBLINGS = 4  # default grid: the preset's width times 1, 2, 4, 8, 16
 
 
-@dataclass(frozen=True)
-class CoordConfig:
-    """What a coordinate check trains. Base hyperparameters other than the LR are HParams' defaults."""
+class CoordConfig(Config):
+    """What a coordinate check trains. Base hyperparameters other than the LR are HParams' defaults.
+
+    The check moves along one axis: ``widths`` (at the preset's depth) or ``depths`` (at the
+    preset's width); give one of them, or neither for the default width grid.
+    """
 
     preset: str = "tiny"
-    widths: tuple[int, ...] = ()  # empty: default_widths(preset)
-    steps: int = 10
-    seeds: int = 3
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    optimizer: str = "adamw"
-    param: str = "mup"
-    precision: str = "fp32"
-    batch_size: int = 4
-    seq_len: int = 64
-    data_seed: int = 0
+    widths: list[PosInt] = Field(default_factory=list)  # empty: default_widths(preset), unless depths
+    depths: list[PosInt] = Field(default_factory=list)  # the depth axis (slopes against log2 depth)
+    steps: PosInt = 10
+    seeds: PosInt = 3
+    lr: PosFloat | None = None  # None: DEFAULT_LR[optimizer]
+    optimizer: OptimizerName = "adamw"
+    param: Parametrization = "mup"
+    precision: Precision = "fp32"
+    batch_size: PosInt = 4
+    seq_len: PosInt = 64
+    data_seed: NonNegInt = 0
     fix_data: bool = True  # one batch at every step (mup's default); False: the batch of (data_seed, step)
-    grad_clip: float = 0.0  # clipping by the global norm couples layers across widths; off by default
+    grad_clip: NonNegFloat = 0.0  # clipping by the global norm couples layers across widths; off by default
+    threshold: Annotated[float, Field(gt=0, lt=10)] = 0.1
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check(self) -> CoordConfig:
+        shape = get_preset(self.preset)
+        if self.widths and self.depths:
+            raise ValueError("give widths or depths (one axis at a time), not both")
+        values = self.axis_values()
+        if len(set(values)) < 2 or len(set(values)) != len(values):
+            raise ValueError(f"{self.axis}s = {list(values)}: need at least two distinct values, no repeats, "
+                             "to fit a slope")
+        if self.seq_len > shape.model.max_seq_len:
+            raise ValueError(f"seq_len = {self.seq_len} exceeds the preset's max_seq_len = "
+                             f"{shape.model.max_seq_len}")
+        return self
+
+    @property
+    def axis(self) -> str:
+        return "depth" if self.depths else "width"
+
+    def axis_values(self) -> list[int]:
+        if self.depths:
+            return list(self.depths)
+        return list(self.widths or default_widths(self.preset))
 
     def resolved(self) -> CoordConfig:
         """The same config with the default width grid and LR filled in."""
-        widths = self.widths or tuple(default_widths(self.preset))
         lr = self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, DEFAULT_LR["adamw"])
-        return dataclasses.replace(self, widths=widths, lr=lr)
+        widths = [] if self.depths else self.axis_values()
+        return updated(self, "coord-check", widths=widths, lr=lr)
 
-    def validate(self) -> CoordConfig:
-        """Every bad value fails here, naming the option, before any compute."""
-        from mutransfer.precision import PRECISIONS
-
-        shape = get_preset(self.preset)
-        _choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _choice("--param", self.param, PARAMETRIZATIONS)
-        _choice("--precision", self.precision, tuple(PRECISIONS))
-        for name in ("steps", "seeds", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} = {getattr(self, name)} must be >= 1")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr = {self.lr} must be a positive number")
+    def check_device(self) -> None:
         try:
             device = torch.device(self.device)
         except RuntimeError as e:
-            raise ConfigError(f"--device = {self.device!r} is not a torch device: {e}") from e
+            raise ConfigError(f"device = {self.device!r} is not a torch device: {e}") from e
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device = {self.device!r}: CUDA is not available on this machine")
-        if self.grad_clip < 0:
-            raise ConfigError(f"--grad-clip = {self.grad_clip} must be >= 0")
-        if self.seq_len > shape.model.max_seq_len:
-            raise ConfigError(f"--seq-len = {self.seq_len} exceeds the preset's max_seq_len = "
-                              f"{shape.model.max_seq_len}")
-        widths = self.resolved().widths
-        if len(set(widths)) < 2 or len(set(widths)) != len(widths):
-            raise ConfigError(f"--widths = {list(widths)}: need at least two distinct widths, no repeats, "
-                              "to fit a slope")
-        if min(widths) < 1:
-            raise ConfigError(f"--widths = {list(widths)}: widths must be positive")
-        self.shapes()  # a width the preset cannot take (head dim, FFN ratio) fails by name here
-        return self
+            raise ConfigError(f"device = {self.device!r}: CUDA is not available on this machine")
 
     def shapes(self) -> list[RunShape]:
-        """The preset at every width, in the chosen parametrization."""
-        family = width_family(self.preset, sorted(self.resolved().widths))
-        return [dataclasses.replace(s, param=dataclasses.replace(s.param, parametrization=self.param))
-                for s in family]
+        """The preset at every axis value, in the chosen parametrization, ascending."""
+        base = get_preset(self.preset)
+        param = updated(base.param, "param", parametrization=self.param)
+        out = []
+        for value in sorted(self.axis_values()):
+            model = at_depth(base.model, value) if self.axis == "depth" else at_width(base.model, value)
+            out.append(RunShape(model=model, param=param))
+        return out
 
     def hparams(self) -> HParams:
         return HParams(lr=self.resolved().lr, grad_clip=self.grad_clip)
-
-
-def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{option} = {value!r} is not allowed; choose one of {list(allowed)}")
 
 
 def default_widths(preset: str) -> list[int]:
@@ -177,7 +192,10 @@ def attention_logits(attention: nn.Module, q: torch.Tensor, k: torch.Tensor) -> 
 class Recorder:
     """Forward hooks that record the size of each tapped output and keep linear inputs for dWx.
 
-    Use as a context manager around one forward pass; ``records`` collects the rows.
+    Use as a context manager around one forward pass; ``records`` collects the rows. For a linear
+    layer whose output is exactly ``F.linear(input, weight)`` in float32 (plain ``nn.Linear``
+    without bias, the tied readout; no autocast) the output is kept too: the update's effect is
+    then ``W_after x - y`` (``record_updates``), which needs no copy of the weights.
     """
 
     def __init__(self, model: nn.Module, base: dict):
@@ -185,6 +203,7 @@ class Recorder:
         self.base = base  # columns shared by every row: width, seed, step
         self.records: list[dict] = []
         self.inputs: dict[str, torch.Tensor] = {}  # module name -> the input its forward saw
+        self.outputs: dict[str, torch.Tensor] = {}  # module name -> its float32 output, where exact (above)
         self.handles = []
 
     def __enter__(self) -> Recorder:
@@ -205,6 +224,11 @@ class Recorder:
             self.records.append({**self.base, "module": module, "kind": kind, "layer": _layer_of(module),
                                  "statistic": stat, "value": value})
 
+    def clear(self) -> None:
+        """Drop the kept inputs and outputs (after ``record_updates``)."""
+        self.inputs.clear()
+        self.outputs.clear()
+
     def _output_hook(self, name: str, kind: str):
         def hook(module, args, output):
             self.add(name, kind, output)
@@ -221,54 +245,91 @@ class Recorder:
     def _input_hook(self, name: str):
         def hook(module, args, output):
             self.inputs[name] = args[0].detach()
+            if _exact_float32_linear(module, args, output):
+                self.outputs[name] = output.detach()
         return hook
 
 
-def weights_before(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every linear layer's weight (and the tied readout's) before the optimizer steps."""
-    names = [*linear_modules(model)]
-    out = {n: model.get_submodule(n).weight.detach().clone() for n in names}
-    out["output"] = model.tok_embeddings.weight.detach().clone()
-    return out
+def _exact_float32_linear(module: nn.Module, args: tuple, output: torch.Tensor) -> bool:
+    """Whether ``module.forward(*args)`` is one float32 ``F.linear`` of its weight (and so can be
+    rerun with the updated weight for an output comparable to ``output`` to float rounding)."""
+    x = args[0]
+    if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32 or output.dtype != torch.float32:
+        return False
+    if type(module) is nn.Linear:
+        return module.bias is None and module.weight.dtype == torch.float32
+    return type(module) is TiedLogits and len(args) == 2 and args[1].dtype == torch.float32
+
+
+def weights_before(model: nn.Module, recorder: Recorder | None = None) -> dict[str, torch.Tensor]:
+    """Copies of every linear layer's weight (and the tied readout's) before the optimizer steps;
+    with ``recorder``, only of those whose output it did not keep (``Recorder``)."""
+    kept = recorder.outputs if recorder is not None else {}
+    weights = {n: model.get_submodule(n).weight for n in linear_modules(model)}
+    weights["output"] = model.tok_embeddings.weight
+    return {n: w.detach().clone() for n, w in weights.items() if n not in kept}
 
 
 @torch.no_grad()
 def record_updates(model: nn.Module, recorder: Recorder, before: dict[str, torch.Tensor]) -> None:
-    """dW x for every linear layer: the step's weight change applied to the input that step saw."""
+    """dW x for every linear layer: the step's weight change applied to the input that step saw.
+
+    With a copy of the weight in ``before``: ``(W_after - W_before) x`` in float32. Otherwise the
+    recorder kept the layer's float32 output y = W_before x: ``W_after x - y``, the layer rerun on
+    the same input (same kernel, same rounding) -- no weight copy, no full-size weight difference.
+    Its rounding error is that of the two products, about float32 epsilon x |W x| / |dW x| relative.
+    """
     for name, kind in linear_modules(model).items():
-        delta = model.get_submodule(name).weight.detach().float() - before[name].float()
-        recorder.add(name, kind, F.linear(recorder.inputs[name].float(), delta))
-    delta = model.tok_embeddings.weight.detach().float() - before["output"].float()
-    recorder.add("output", "dWx.output", model.output.factor * F.linear(recorder.inputs["output"].float(), delta))
+        module = model.get_submodule(name)
+        x = recorder.inputs[name]
+        if name in before:
+            effect = F.linear(x.float(), module.weight.detach().float() - before[name].float())
+        else:
+            effect = module.forward(x).sub_(recorder.outputs[name])
+        recorder.add(name, kind, effect)
+    h, embedding = recorder.inputs["output"], model.tok_embeddings.weight.detach()
+    if "output" in before:
+        effect = model.output.factor * F.linear(h.float(), embedding.float() - before["output"].float())
+    else:
+        effect = model.output.forward(h, embedding).sub_(recorder.outputs["output"])
+    recorder.add("output", "dWx.output", effect)
+
+
+def _logits_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss through whole logits, so the recorder's hook on ``output`` sees every logit."""
+    return loss_fn(model(x), y)
 
 
 def record_training(model: nn.Module, optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     base: dict, precision: str = "fp32", grad_clip: float = 0.0,
                     device_type: str = "cpu") -> list[dict]:
-    """Train ``model`` one step per batch and return the records of every step (0 = at init).
+    """Train ``model`` one step per batch with the shared step, recording every step (0 = at init).
 
-    ``optimizer`` needs ``zero_grad()`` and ``step()`` (a torch optimizer or an OptimizerSet); the
-    order of operations matches mup's coord check: forward, zero_grad, backward, step.
+    ``optimizer`` is an OptimizerSet (or anything with ``zero_grad()`` and ``step()``). The
+    recorder's hooks observe the step's forward and keep the linear layers' inputs (and, where
+    exact, outputs); weights whose output was not kept are copied between the gradient and the
+    update (the step's ``before_optimizer_step`` hook) to measure the update's effect.
     """
-    from mutransfer.precision import autocast
-
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     records: list[dict] = []
     for step, (x, y) in enumerate(batches):
-        with Recorder(model, {**base, "step": step}) as rec:
-            with autocast(precision, device_type):
-                loss = loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        before = weights_before(model)
-        optimizer.step()
+        before: dict[str, torch.Tensor] = {}
+
+        rec = Recorder(model, {**base, "step": step})
+
+        def keep_weights(before=before, rec=rec) -> None:
+            before.update(weights_before(model, rec))
+
+        with rec:
+            out = train_step(model, optimizer, [(x, y)], params=params, precision=precision,
+                             device_type=device_type, grad_clip=grad_clip, loss_of=_logits_loss,
+                             before_optimizer_step=keep_weights)
         record_updates(model, rec, before)
         rec.records.append({**base, "step": step, "module": "loss", "kind": "loss", "layer": -1,
-                            "statistic": "loss", "value": loss.item()})
+                            "statistic": "loss", "value": out.loss})
         records.extend(rec.records)
-        rec.inputs.clear()
+        rec.clear()
     return records
 
 
@@ -284,7 +345,8 @@ def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], No
     from mutransfer.optim import build_optimizers
     from mutransfer.precision import prepare_model
 
-    cfg = cfg.resolved().validate()
+    cfg = cfg.resolved()
+    cfg.check_device()
     if dataset is None:
         from mutransfer.data.builtin import builtin_dataset
 
@@ -295,16 +357,18 @@ def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], No
     records: list[dict] = []
     for shape in cfg.shapes():
         width = shape.model.d_model
+        depth = shape.model.n_layers
         for seed in range(cfg.seeds):
             model = prepare_model(build_model(shape, hp, device=cfg.device, seed=seed), cfg.precision)
             opt = build_optimizers(model, shape, hp, cfg.optimizer)
             base = {"param": cfg.param, "optimizer": cfg.optimizer, "precision": cfg.precision,
-                    "width": width, "seed": seed}
+                    "axis": cfg.axis, "width": width, "depth": depth, "seed": seed}
             rows = record_training(model, opt, batches, base, cfg.precision, cfg.grad_clip,
                                    torch.device(cfg.device).type)
             records.extend(rows)
             if progress is not None:
                 losses = [r["value"] for r in rows if r["kind"] == "loss"]
-                progress(f"{cfg.param} {cfg.optimizer} {cfg.precision} width {width} seed {seed + 1}/{cfg.seeds}: "
+                progress(f"{cfg.param} {cfg.optimizer} {cfg.precision} width {width} depth {depth} "
+                         f"seed {seed + 1}/{cfg.seeds}: "
                          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return records

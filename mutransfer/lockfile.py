@@ -7,15 +7,13 @@ provenance, and a content hash so an edited file is caught.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mutransfer.config import ConfigError, HParams, ModelConfig, ParamConfig, RunShape, from_mapping
+from mutransfer.config import ConfigError, HParams, ModelConfig, ParamConfig, RunShape, parse
+from mutransfer.rundir import write_json
 
 FORMAT = "mutransfer.hparams.lock/1"
 
@@ -28,6 +26,7 @@ class Lock:
     tokenizer: str
     provenance: dict
     content_hash: str
+    laws: dict  # fitted horizon / batch laws attached by freeze (empty when none)
 
 
 def _canonical(body: dict) -> str:
@@ -38,49 +37,64 @@ def content_hash(body: dict) -> str:
     return "sha256:" + hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
-def write_lock(path: str | Path, hparams: HParams, param: ParamConfig, proxy_model: ModelConfig,
-               provenance: dict) -> dict:
-    """Write atomically; returns the written object."""
+def lock_body(hparams: HParams, param: ParamConfig, proxy_model: ModelConfig, provenance: dict,
+              laws: dict | None = None) -> dict:
     body = {
         "format": FORMAT,
-        "hparams": dataclasses.asdict(hparams),
-        "param": dataclasses.asdict(param),
-        "proxy_model": dataclasses.asdict(proxy_model),
+        "hparams": hparams.model_dump(),
+        "param": param.model_dump(),
+        "proxy_model": proxy_model.model_dump(),
         "tokenizer": proxy_model.tokenizer,
         "provenance": provenance,
     }
+    if laws:
+        body["laws"] = laws
+    return body
+
+
+def write_lock(path: str | Path, hparams: HParams, param: ParamConfig, proxy_model: ModelConfig,
+               provenance: dict, laws: dict | None = None) -> dict:
+    """Write atomically; returns the written object. ``laws``: fitted horizon/batch laws (optional)."""
+    body = lock_body(hparams, param, proxy_model, provenance, laws)
     obj = {**body, "content_hash": content_hash(body)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, obj)
     return obj
 
 
+REQUIRED = ("format", "hparams", "param", "proxy_model", "tokenizer", "content_hash")
+
+
 def read_lock(path: str | Path) -> Lock:
+    """Read and check a lock: JSON object, format, content hash, and every value (finite, in range)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"hparams lock file {str(path)!r} does not exist")
     try:
         obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a valid JSON lock file: {e}") from e
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: a lock file is a JSON object with {list(REQUIRED)}; got a "
+                          f"{type(obj).__name__}")
     if obj.get("format") != FORMAT:
         raise ConfigError(f"{path}: format = {obj.get('format')!r}; expected {FORMAT!r}")
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        raise ConfigError(f"{path}: missing field(s) {missing}")
     body = {k: v for k, v in obj.items() if k != "content_hash"}
     if obj.get("content_hash") != content_hash(body):
         raise ConfigError(f"{path}: content_hash does not match the contents (the file was edited); "
                           "re-run `mutransfer freeze`")
+    if not isinstance(obj["tokenizer"], str) or not isinstance(obj.get("provenance", {}), dict):
+        raise ConfigError(f"{path}: tokenizer must be a string and provenance an object")
     return Lock(
-        hparams=from_mapping(HParams, obj["hparams"], "lock.hparams").validate(),
-        param=from_mapping(ParamConfig, obj["param"], "lock.param").validate(),
-        proxy_model=from_mapping(ModelConfig, obj["proxy_model"], "lock.proxy_model"),
+        hparams=parse(HParams, obj["hparams"], "lock.hparams"),
+        param=parse(ParamConfig, obj["param"], "lock.param"),
+        proxy_model=parse(ModelConfig, obj["proxy_model"], "lock.proxy_model"),
         tokenizer=obj["tokenizer"],
         provenance=obj.get("provenance", {}),
         content_hash=obj["content_hash"],
+        laws=obj.get("laws") or {},
     )
 
 

@@ -13,13 +13,19 @@ a = depth exponent of the residual branch (1/2: Depth-muP, 1: CompleteP).
 Parametrizations
 - ``xmodel``: the Xmodel-2.5 recipe exactly as it ran (MiniCPM-style constants).
 - ``mup``: complete muP. Hidden inits sigma/sqrt(m) on both input and output side
-  (Yang et al., Tensor Programs V, arXiv 2203.03466); hidden AdamW LR eta/m; Adam eps eps/m
-  (Everett et al., arXiv 2407.05872); independent weight decay, lambda*m with torch's decoupled
-  AdamW so that lr*wd is width-free (Wortsman et al. arXiv 2309.14322; Everett et al.); norm gains
-  at the base LR, no decay; depth relative to L0 with branch multiplier (L0/L)^a, hidden LR
-  (L/L0)^(a-1), eps (L0/L)^a, weight decay (L/L0)^(1-a) (Dey et al., CompleteP, arXiv 2505.01618;
-  a = 1/2 is Depth-muP, Yang et al. arXiv 2310.02244). Muon: RMS matching 0.2*sqrt(max(A, B))
-  with eta/sqrt(m), which keeps the spectral norm of an update, hence ||dW x||, width-free.
+  (Yang et al., Tensor Programs V, arXiv 2203.03466); hidden AdamW LR eta/m; Adam eps eps/m for
+  every AdamW group -- embedding, norm gains and hidden matrices alike, since all their gradients
+  shrink like 1/m (Everett et al., arXiv 2407.05872; measured in tests/test_mup_rules.py);
+  independent weight decay, lambda*m with torch's decoupled AdamW so that lr*wd is width-free
+  (Wortsman et al. arXiv 2309.14322; Everett et al.); norm gains without decay. Depth relative to
+  L0 (Depth-muP, Yang et al. arXiv 2310.02244, a = 1/2; CompleteP, Dey et al. arXiv 2505.01618,
+  a = 1): branch multiplier (L0/L)^a; everything inside a residual branch (hidden matrices and the
+  block norm gains) LR (L/L0)^(a-1) and eps (L0/L)^a, as CompleteP's reference code does; the
+  embedding and the final norm gain no depth factor. Hidden weight decay (L/L0)^(1-a): our own
+  rule, not CompleteP's (its reference uses lambda*m), so that lr*wd -- hence AdamW's EMA timescale
+  1/(lr*wd) (Wang & Aitchison, arXiv 2405.13698) -- is depth-free; the two agree at a = 1.
+  Muon: RMS matching 0.2*sqrt(max(A, B)) with eta/sqrt(m), which keeps the spectral norm of an
+  update, hence ||dW x||, width-free.
 - ``sp``: the standard-parametrization control: fan-in init, one LR for every parameter, no
   width- or depth-dependent multipliers, softmax scale 1/sqrt(d_head). It coincides with ``mup``
   at the base shape except for the softmax scale, so the two differ only in how they scale.
@@ -34,10 +40,10 @@ from enum import StrEnum
 
 import torch
 
-from mutransfer.config import HParams, ModelConfig, ParamConfig
+from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, HParams, ModelConfig, ParamConfig
 
-PARAMETRIZATIONS = ("xmodel", "mup", "sp")
-OPTIMIZERS = ("adamw", "muon")
+__all__ = ["OPTIMIZERS", "PARAMETRIZATIONS", "Role", "role_of", "resolve", "resolve_all", "param_groups",
+           "init_weights", "forward_multipliers", "scale_of", "describe_table", "ForwardMultipliers", "fuse_key"]
 
 
 class Role(StrEnum):
@@ -46,7 +52,8 @@ class Role(StrEnum):
     ATTN_OUT = "attn_out"
     FFN_IN = "ffn_in"
     FFN_OUT = "ffn_out"
-    NORM_GAIN = "norm_gain"
+    NORM_GAIN = "norm_gain"  # the RMSNorm gains inside each block (attention_norm, ffn_norm)
+    FINAL_NORM = "final_norm"  # the final RMSNorm gain, outside every residual branch
 
 
 HIDDEN_MATRIX_ROLES = (Role.ATTN_QKV, Role.ATTN_OUT, Role.FFN_IN, Role.FFN_OUT)
@@ -59,8 +66,23 @@ ROLE_BY_NAME: tuple[tuple[str, Role], ...] = (
     (r"\.attention\.wo\.weight$", Role.ATTN_OUT),
     (r"\.feed_forward\.w[13]\.weight$", Role.FFN_IN),
     (r"\.feed_forward\.w2\.weight$", Role.FFN_OUT),
-    (r"(^|\.)(attention_norm|ffn_norm|norm)\.weight$", Role.NORM_GAIN),
+    (r"(^|\.)(attention_norm|ffn_norm)\.weight$", Role.NORM_GAIN),
+    (r"(^|\.)norm\.weight$", Role.FINAL_NORM),
 )
+
+
+# Matrices the recipe's Megatron stores fused, per block (RECIPE section 4): Muon with ``fuse`` on
+# orthogonalises each set as one matrix, stacked in this order.
+FUSED_SETS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
+
+
+def fuse_key(name: str) -> tuple:
+    """The fused set a parameter belongs to (block, set), or a set of its own."""
+    clean = name.replace("_orig_mod.", "").replace("_fsdp_wrapped_module.", "").replace("module.", "")
+    m = re.search(r"(^|\.)layers\.(\d+)\.(attention|feed_forward)\.(\w+)\.weight$", clean)
+    if m and m.group(4) in FUSED_SETS[m.group(3)]:
+        return ("layers", int(m.group(2)), m.group(3))
+    return (clean,)
 
 
 def role_of(name: str) -> Role:
@@ -137,14 +159,19 @@ _XMODEL_ADAMW = _rules(
     attn_out=Rule(init="1/sqrt(2L)", lr="1/m", wd="1"),
     ffn_out=Rule(init="1/sqrt(2L)", lr="1/m", wd="1"),
     norm_gain=Rule(init="ones", lr="1/m", wd="0"),
+    final_norm=Rule(init="ones", lr="1/m", wd="0"),  # the recipe treats every norm gain alike
 )
+# Everything inside a residual branch (hidden matrices, block norm gains) has gradients ~ 1/m *
+# (L0/L)^a and moves the residual stream through the branch multiplier (L0/L)^a, so it takes the
+# depth factors; the embedding and the final norm sit outside the branches: width factors only.
 _MUP_ADAMW = _rules(
-    embedding=Rule(init="1", lr="1", wd="1"),
+    embedding=Rule(init="1", lr="1", wd="1", eps="1/m"),
     attn_qkv=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
     ffn_in=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
     attn_out=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
     ffn_out=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
-    norm_gain=Rule(init="ones", lr="1", wd="0"),
+    norm_gain=Rule(init="ones", lr="(L/L0)^(a-1)", wd="0", eps="1/m*(L0/L)^a"),
+    final_norm=Rule(init="ones", lr="1", wd="0", eps="1/m"),
 )
 _SP_ADAMW = _rules(
     embedding=Rule(init="1", lr="1", wd="1"),
@@ -153,6 +180,7 @@ _SP_ADAMW = _rules(
     attn_out=Rule(init="1/sqrt(m)", lr="1", wd="1"),
     ffn_out=Rule(init="1/sqrt(m)", lr="1", wd="1"),
     norm_gain=Rule(init="ones", lr="1", wd="0"),
+    final_norm=Rule(init="ones", lr="1", wd="0"),
 )
 
 
@@ -180,7 +208,8 @@ class ForwardMultipliers:
     """Plain numbers the model multiplies by; the model knows nothing else about muP."""
 
     embedding: float  # x0 = embedding * E[token]
-    residual: float  # h += residual * branch(h)
+    residual_attn: float  # h += residual_attn * attention(norm(h))
+    residual_ffn: float  # h += residual_ffn * ffn(norm(h))
     logits: float  # logits = logits * h E^T
     attn_scale: float  # softmax(attn_scale * q k^T)
 
@@ -194,12 +223,13 @@ FORWARD_RULES = {
     "sp": {"embedding": "alpha_in", "residual": "alpha_res/sqrt(L0)", "logits": "alpha_out",
            "attn_scale": "1/sqrt(d_head)"},
 }
+# The residual formulas take the branch's alpha (alpha_res, or alpha_res_attn / alpha_res_ffn when set).
 FORWARD_FORMULAS = {
     "alpha_in": lambda s, hp: hp.alpha_in,
-    "alpha_res/sqrt(L)": lambda s, hp: hp.alpha_res / math.sqrt(s.depth),
-    "alpha_res/sqrt(L0)*(L0/L)^a": lambda s, hp: hp.alpha_res / math.sqrt(s.depth_base)
+    "alpha_res/sqrt(L)": lambda s, alpha: alpha / math.sqrt(s.depth),
+    "alpha_res/sqrt(L0)*(L0/L)^a": lambda s, alpha: alpha / math.sqrt(s.depth_base)
     * s.depth_ratio**-s.depth_alpha,
-    "alpha_res/sqrt(L0)": lambda s, hp: hp.alpha_res / math.sqrt(s.depth_base),
+    "alpha_res/sqrt(L0)": lambda s, alpha: alpha / math.sqrt(s.depth_base),
     "alpha_out/m": lambda s, hp: hp.alpha_out / s.m,
     "alpha_out": lambda s, hp: hp.alpha_out,
     "1/d_head": lambda s, hp: 1.0 / s.head_dim,
@@ -218,10 +248,16 @@ def scale_of(model: ModelConfig, param: ParamConfig) -> Scale:
 
 
 def forward_multipliers(model: ModelConfig, param: ParamConfig, hp: HParams) -> ForwardMultipliers:
-    check_choice("parametrization", param.parametrization, PARAMETRIZATIONS)
     s = scale_of(model, param)
     rules = FORWARD_RULES[param.parametrization]
-    return ForwardMultipliers(**{k: FORWARD_FORMULAS[v](s, hp) for k, v in rules.items()})
+    residual = FORWARD_FORMULAS[rules["residual"]]
+    return ForwardMultipliers(
+        embedding=FORWARD_FORMULAS[rules["embedding"]](s, hp),
+        residual_attn=residual(s, hp.residual_attn),
+        residual_ffn=residual(s, hp.residual_ffn),
+        logits=FORWARD_FORMULAS[rules["logits"]](s, hp),
+        attn_scale=FORWARD_FORMULAS[rules["attn_scale"]](s, hp),
+    )
 
 
 @dataclass(frozen=True)
@@ -245,12 +281,11 @@ class ParamSetting:
 
 def check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{field} = {value!r} is not allowed; choose one of {list(allowed)}")
+        raise ConfigError(f"{field} = {value!r} is not allowed; choose one of {list(allowed)}")
 
 
 def resolve(name: str, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str) -> ParamSetting:
     """Settings of parameter ``name`` when the run uses ``optimizer`` for its hidden matrices."""
-    check_choice("parametrization", param.parametrization, PARAMETRIZATIONS)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     role = role_of(name)
     rule = TABLE[(param.parametrization, optimizer)][role]
@@ -289,11 +324,12 @@ def init_weights(module: torch.nn.Module, model: ModelConfig, param: ParamConfig
 
 
 def param_groups(module: torch.nn.Module, model: ModelConfig, param: ParamConfig, hp: HParams,
-                 optimizer: str) -> dict[str, list[dict]]:
+                 optimizer: str, fuse: bool = False) -> dict[str, list[dict]]:
     """Optimizer parameter groups, keyed by the optimizer that owns them ("adamw", "muon").
 
-    One group per (role, settings). Each group carries ``role`` and ``base_lr`` (its peak LR,
-    which schedules scale) alongside the usual keys.
+    One group per (role, settings). Each group carries ``role``, ``names`` and ``base_lr`` (its peak
+    LR, which schedules scale) alongside the usual keys; Muon groups carry ``fuse`` (orthogonalise
+    each block's fused sets together, ``FUSED_SETS``) when asked for.
     """
     groups: dict[tuple, dict] = {}
     for name, p in module.named_parameters():
@@ -308,6 +344,7 @@ def param_groups(module: torch.nn.Module, model: ModelConfig, param: ParamConfig
                 g["eps"] = s.eps
             else:
                 g["adjust_lr_fn"] = s.muon_adjust
+                g["fuse"] = fuse
             groups[key] = g
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)

@@ -6,42 +6,72 @@ from the same code that trains it, and the per-group settings from the same muP 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from mutransfer.build import build_model
-from mutransfer.config import HParams, ModelConfig, ParamConfig, RunShape, from_mapping, load_toml
+from mutransfer.config import (
+    ConfigError,
+    HParams,
+    ModelConfig,
+    ParamConfig,
+    RunShape,
+    apply_overrides,
+    load_toml,
+    parse,
+)
 from mutransfer.parametrization import HIDDEN_MATRIX_ROLES, OPTIMIZERS, Role, check_choice, resolve, scale_of
-from mutransfer.presets import at_width, get_preset
+from mutransfer.presets import at_depth, at_width, get_preset
 
 BYTES_FP32 = 4
+SHAPE_KEYS = ("preset", "width", "depth")  # [model] keys besides ModelConfig's fields
 
 
-def shape_from_config(data: dict, where: str) -> RunShape:
-    """A RunShape from a config's ``[model]`` table (``preset`` plus field overrides) and ``[param]``."""
-    model_table = dict(data.get("model", {}))
-    preset = model_table.pop("preset", None)
-    width = model_table.pop("width", None)
+def shape_from_config(data: dict, where: str, param_default: ParamConfig | None = None) -> RunShape:
+    """A RunShape from a config's ``[model]`` table and ``[param]``.
+
+    ``[model]``: ``preset`` plus ModelConfig field overrides, ``width`` (the preset's family at
+    that width) and ``depth``. ``[param]`` overrides the preset's parametrization (or
+    ``param_default``, e.g. a lock's, when given).
+    """
+    model_table = data.get("model", {})
+    if not isinstance(model_table, dict):
+        raise ConfigError(f"{where}.model: expected a table")
+    model_table = dict(model_table)
+    preset, width, depth = (model_table.pop(k, None) for k in SHAPE_KEYS)
     if preset is None:
-        model = from_mapping(ModelConfig, model_table, f"{where}.model")
+        model = parse(ModelConfig, model_table, f"{where}.model")
         param = ParamConfig()
     else:
+        if not isinstance(preset, str):
+            raise ConfigError(f"{where}.model.preset: expected a preset name (got {preset!r})")
         base = get_preset(preset)
-        model = from_mapping(ModelConfig, {**dataclasses.asdict(base.model), **model_table}, f"{where}.model")
+        model = parse(ModelConfig, {**base.model.model_dump(), **model_table}, f"{where}.model")
         param = base.param
     if width is not None:
-        model = at_width(model, int(width))
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ConfigError(f"{where}.model.width: expected a positive integer (got {width!r})")
+        model = at_width(model, width)
+    if depth is not None:
+        model = at_depth(model, depth)
+    param = param_default or param
     if "param" in data:
-        param = from_mapping(ParamConfig, {**dataclasses.asdict(param), **data["param"]}, f"{where}.param")
-    return RunShape(model=model.validate(f"{where}.model"), param=param.validate(f"{where}.param"))
+        if not isinstance(data["param"], dict):
+            raise ConfigError(f"{where}.param: expected a table")
+        param = parse(ParamConfig, {**param.model_dump(), **data["param"]}, f"{where}.param")
+    return RunShape(model=model, param=param)
 
 
-def resolve_target(target: str) -> tuple[RunShape, dict]:
-    """A preset name, or a TOML config path; returns the shape and the raw config (empty for presets)."""
+def resolve_target(target: str, overrides=()) -> tuple[RunShape, dict]:
+    """A preset name or a TOML config path (with ``--set`` overrides); the shape and the raw config.
+
+    A preset stands for the config ``[model] preset = NAME``, so ``--set model.width=128`` works on both.
+    """
     if target.endswith(".toml") or Path(target).is_file():
-        data = load_toml(target)
+        data = apply_overrides(load_toml(target), overrides)
         return shape_from_config(data, Path(target).name), data
-    return get_preset(target), {}
+    get_preset(target)
+    data = apply_overrides({"model": {"preset": target}}, overrides)
+    return shape_from_config(data, target), data if overrides else {}
 
 
 def count_params(shape: RunShape) -> dict[str, int]:
@@ -85,9 +115,9 @@ def make_plan(shape: RunShape, hp: HParams, optimizer: str = "adamw", seq_len: i
     order = [r.value for r in Role]
     groups = sorted(rows.values(), key=lambda r: (order.index(r["role"]), r["optimizer"]))
     return {
-        "model": dataclasses.asdict(shape.model),
-        "param": dataclasses.asdict(shape.param),
-        "hparams": dataclasses.asdict(hp),
+        "model": shape.model.model_dump(),
+        "param": shape.param.model_dump(),
+        "hparams": hp.model_dump(),
         "width_multiplier": scale_of(shape.model, shape.param).m,
         "optimizer": optimizer,
         "seq_len": seq_len,
@@ -128,8 +158,153 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def hparams_from(args_overrides: dict, base: HParams | None = None) -> HParams:
-    """HParams with overrides; unknown names are an error naming the field."""
-    base = base or HParams()
-    merged = {**dataclasses.asdict(base), **{k: v for k, v in args_overrides.items() if v is not None}}
-    return from_mapping(HParams, merged, "hparams").validate()
+# ---------------------------------------------------------------- memory, per stage and phase
+
+
+def parse_bytes(text: str, where: str = "--gpu-memory") -> int:
+    """``80GiB``, ``80GB``, ``141 GiB``, ``512MiB`` or a plain number of bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{where} = {text!r} is not a memory size; write e.g. 80GiB, 80GB or 85899345920")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(value * scale)
+    if size <= 0:
+        raise ConfigError(f"{where} = {text!r} must be positive")
+    return size
+
+
+def run_settings(raw: dict):
+    """The ``[train]`` settings of a config that decide memory (precision, checkpointing, loss chunk,
+    evaluation batch); keys of other tables' own ``[train]`` extensions (e.g. the lock path) ignored."""
+    from mutransfer.config import TrainSettings, parse
+
+    table = raw.get("train", {}) if isinstance(raw.get("train", {}), dict) else {}
+    return parse(TrainSettings, {k: v for k, v in table.items() if k in TrainSettings.model_fields}, "train")
+
+
+# What a phase may use of the GPU: the memory model matches autograd's saved tensors exactly on CPU
+# (tests/test_memory_model.py), but its GPU-side transients (attention kernels' workspaces, NCCL
+# buffers at scale, the caching allocator's fragmentation when the sequence length changes between
+# phases) are estimates, and a run that dies at its last stage loses days: plan for 85 %.
+MEMORY_MARGIN = 0.15
+
+
+def memory_plan(raw: dict, shape: RunShape, hp: HParams, world_size: int, gpu_memory: int,
+                margin: float = MEMORY_MARGIN) -> dict:
+    """Peak memory of every stage's phases on one GPU of ``world_size`` (``mutransfer.memory``).
+
+    A phase fits when its peak (training and evaluation) is at most ``(1 - margin)`` of the GPU.
+    """
+    from mutransfer.memory import estimate
+    from mutransfer.stages import parse_stages, phase_where
+
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"--world-size = {world_size!r} must be a positive integer")
+    plan = parse_stages(raw, shape, hp)
+    plan.validate_parallel(world_size)  # names the stage whose global batch does not divide
+    train = run_settings(raw)
+    mode = raw.get("parallel", {}).get("mode", "fsdp") if world_size > 1 else "none"
+    eval_seq = train.eval_seq_len or plan.stages[0].phases[0].seq_len
+    eval_rows = min(train.eval_micro_batch or train.eval_batch_size, train.eval_batch_size)
+    entries = []
+    for i, stage, j, phase in plan.phases():
+        policy = stage.checkpointing or train.activation_checkpointing
+        est = estimate(shape.model, seq_len=phase.seq_len, micro_batch=phase.micro_batch, world_size=world_size,
+                       parallel=mode, optimizer=stage.optimizer, precision=train.precision,
+                       checkpointing=policy, loss_chunk_tokens=train.loss_chunk_tokens,
+                       eval_tokens=eval_rows * eval_seq)
+        peak = max(est.peak, est.eval_peak)
+        limit = (1 - margin) * gpu_memory
+        entries.append({"name": stage.name, "phase": j, "where": phase_where(i, stage, j), "seq_len": phase.seq_len,
+                        "micro_batch": phase.micro_batch, "optimizer": stage.optimizer, "checkpointing": policy,
+                        "accumulation": phase.accumulation(world_size), "peak_bytes": peak,
+                        "train_peak_bytes": est.peak, "eval_peak_bytes": est.eval_peak,
+                        "fits": peak <= limit, "margin_bytes": int(gpu_memory - peak),
+                        "breakdown_bytes": {k: v for k, v in est.__dict__.items() if k not in ("peak", "eval_peak")}})
+    return {"world_size": world_size, "gpu_memory_bytes": gpu_memory, "margin_fraction": margin,
+            "parallel": mode, "precision": train.precision,
+            "activation_checkpointing": train.activation_checkpointing,
+            "loss_chunk_tokens": train.loss_chunk_tokens, "stages": entries,
+            "fits": all(e["fits"] for e in entries)}
+
+
+def format_memory(mem: dict) -> str:
+    gib = 2**30
+    lines = [f"memory per GPU: {mem['world_size']} GPU(s) of {mem['gpu_memory_bytes'] / gib:.1f} GiB, "
+             f"{mem['parallel']}, {mem['precision']}, loss chunk {mem['loss_chunk_tokens']} tokens "
+             f"(fits: peak <= {100 * (1 - mem['margin_fraction']):.0f} % of the GPU)",
+             f"{'stage':<18} {'seq x micro':>13} {'optim':<6} {'recompute':<10} {'params':>7} {'grads':>6} "
+             f"{'opt st':>6} {'activ.':>7} {'transient':>9} {'eval':>6} {'peak GiB':>9}  verdict"]
+    for e in mem["stages"]:
+        b = e["breakdown_bytes"]
+        transient = max(b["loss_transient"], b["recompute_transient"] + b["backward_transient"])
+        verdict = (f"fits ({e['margin_bytes'] / gib:.1f} GiB to spare)" if e["fits"] else
+                   f"DOES NOT FIT ({-e['margin_bytes'] / gib:.1f} GiB over)" if e["margin_bytes"] < 0 else
+                   f"DOES NOT FIT (only {e['margin_bytes'] / gib:.1f} GiB to spare, below the margin)")
+        name = e["name"] + (f"[{e['phase']}]" if e["phase"] or e["name"] == "long_context" else "")
+        lines.append(f"{name:<18} {e['seq_len']:>7} x {e['micro_batch']:<3} {e['optimizer']:<6} "
+                     f"{e['checkpointing']:<10} {b['params'] / gib:>7.2f} {b['grads'] / gib:>6.2f} "
+                     f"{b['optimizer_states'] / gib:>6.2f} {b['activations'] / gib:>7.2f} {transient / gib:>9.2f} "
+                     f"{b['eval_transient'] / gib:>6.2f} {e['peak_bytes'] / gib:>9.2f}  {verdict}")
+    failing = ", ".join(e["where"] for e in mem["stages"] if not e["fits"])
+    lines.append("verdict: " + ("every stage fits" if mem["fits"] else f"NOT every stage fits: {failing}"))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- from the proxy's LR to the target's
+
+ROLE_EXAMPLES = {"embedding": "tok_embeddings.weight", "attn_qkv": "layers.0.attention.wq.weight",
+                 "attn_out": "layers.0.attention.wo.weight", "ffn_in": "layers.0.feed_forward.w1.weight",
+                 "ffn_out": "layers.0.feed_forward.w2.weight", "norm_gain": "layers.0.attention_norm.weight",
+                 "final_norm": "norm.weight"}
+
+
+def transfer_table(lock, target: RunShape, factor: float, applied: bool) -> list[dict]:
+    """Per optimizer and role: the LR at the proxy's shape (where the lock was tuned), at the
+    target's shape (the muP table's width/depth transfer), and after the fitted horizon/batch laws
+    (``factor``; applied to the run only when its config asks for it)."""
+    from mutransfer.config import RunShape as Shape
+    from mutransfer.config import updated
+    from mutransfer.parametrization import Role
+
+    proxy = Shape(model=lock.proxy_model, param=lock.param)
+    hp = lock.hparams
+    rows = []
+    for optimizer in ("adamw", "muon"):
+        for role in Role:
+            name = ROLE_EXAMPLES.get(role.value)
+            if name is None:
+                continue
+            at_proxy = resolve(name, proxy.model, proxy.param, hp, optimizer)
+            if optimizer == "muon" and at_proxy.optimizer != "muon":
+                continue
+            at_target = resolve(name, target.model, target.param, hp, optimizer)
+            fixed = resolve(name, target.model, target.param, updated(hp, "transfer", lr=hp.lr * factor), optimizer)
+            rows.append({"optimizer": at_target.optimizer, "role": role.value, "proxy_lr": at_proxy.lr,
+                         "target_lr": at_target.lr, "corrected_lr": fixed.lr, "applied": applied})
+    return rows
+
+
+def format_transfer_table(rows: list[dict], fix: dict) -> str:
+    def term(kind: str, t: dict) -> str:
+        if t.get("applied"):
+            return (f"{kind} x{t['factor']:.3g} ({t['unit']} {t['proxy']:.3g} -> {t['target']:.3g}, "
+                    f"beta {t['beta']:.3f})")
+        return f"{kind} off" + (f" (would be x{t['would_be']:.3g})" if t.get("would_be") else "")
+
+    terms = ", ".join(term(k, t) for k, t in fix["terms"].items()) or "no fitted law in the lock"
+    lines = [f"LR per group: at the proxy (as tuned) -> at the target (muP transfer) -> corrected by the fitted "
+             f"laws ({terms})",
+             f"{'group':<18} {'proxy LR':>11} {'target LR':>11} {'corrected':>11}"]
+    for r in rows:
+        corrected_lr = f"{r['corrected_lr']:.4e}" + ("" if r["applied"] else "*")
+        lines.append(f"{r['optimizer'] + '/' + r['role']:<18} {r['proxy_lr']:>11.4e} {r['target_lr']:>11.4e} "
+                     f"{corrected_lr:>12}")
+    if rows and not rows[0]["applied"]:
+        lines.append("(* not applied: the config keeps the lock's values; [transfer] horizon/batch = 'fitted' "
+                     "applies it)")
+    return "\n".join(lines)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from mutransfer.config import ConfigError, ModelConfig, ParamConfig, RunShape
+from mutransfer.config import ConfigError, ModelConfig, ParamConfig, RunShape, updated
 
 DEEPSEEK_V3_MODEL_VOCAB = 129_280  # 128,000 BPE + added tokens, padded (RECIPE section 1)
 
@@ -52,10 +50,16 @@ def at_width(model: ModelConfig, width: int) -> ModelConfig:
     if ffn != int(ffn):
         raise ConfigError(f"width = {width}: FFN width {ffn} (ratio {model.ffn_dim}/{model.d_model}) "
                           "is not a whole number")
-    return dataclasses.replace(model, d_model=width, n_heads=n_heads, n_kv_heads=n_kv,
-                               ffn_dim=int(ffn)).validate()
+    return updated(model, f"width {width}", d_model=width, n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=int(ffn))
+
+
+def at_depth(model: ModelConfig, depth: int) -> ModelConfig:
+    """The same model with ``depth`` blocks (everything else kept)."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"depth = {depth!r} must be a positive integer number of blocks")
+    return updated(model, f"depth {depth}", n_layers=depth)
 
 
 def width_family(name: str, widths: list[int]) -> list[RunShape]:
     base = get_preset(name)
-    return [dataclasses.replace(base, model=at_width(base.model, w)) for w in widths]
+    return [RunShape(model=at_width(base.model, w), param=base.param) for w in widths]

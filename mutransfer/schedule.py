@@ -2,7 +2,9 @@
 
 A schedule gives a factor on each group's peak LR (``base_lr``) at every step. Within a segment
 of T steps, step t (0-based) uses the fraction u = (t + 1) / T, so a warmup's last step reaches
-its peak and a decay's last step reaches its floor.
+its peak and a decay's last step reaches its floor. A segment's start or end may instead be an
+absolute LR that every group reaches (the recipe's long-context floor, 1e-5 for every group): its
+factor then depends on the group's peak, ``factor(step, peak)``.
 """
 
 from __future__ import annotations
@@ -19,16 +21,25 @@ class Segment:
     steps: int
     start: float  # factor at the segment's start
     end: float  # factor at the segment's end (ignored for constant)
+    start_abs: float | None = None  # or: the absolute LR every group starts at
+    end_abs: float | None = None  # or: the absolute LR every group ends at
 
-    def factor(self, t: int) -> float:
+    def start_factor(self, peak: float = 1.0) -> float:
+        return self.start if self.start_abs is None else self.start_abs / peak
+
+    def end_factor(self, peak: float = 1.0) -> float:
+        return self.end if self.end_abs is None else self.end_abs / peak
+
+    def factor(self, t: int, peak: float = 1.0) -> float:
         u = (t + 1) / self.steps
+        start, end = self.start_factor(peak), self.end_factor(peak)
         if self.shape == "constant":
-            return self.start
+            return start
         if self.shape == "linear":
-            return self.start + (self.end - self.start) * u
+            return start + (end - start) * u
         if self.shape == "exp":
             # RECIPE section 4: lr = min + (peak - min) * (2 * 0.5**(t/T) - 1)
-            return self.end + (self.start - self.end) * (2.0 * 0.5**u - 1.0)
+            return end + (start - end) * (2.0 * 0.5**u - 1.0)
         raise ValueError(f"schedule shape {self.shape!r}: allowed {list(SHAPES)}")
 
 
@@ -49,14 +60,15 @@ class Schedule:
             total += s.steps
         self.total_steps = total
 
-    def factor(self, step: int) -> float:
+    def factor(self, step: int, peak: float = 1.0) -> float:
+        """The factor on a group's peak LR ``peak`` at ``step`` (``peak`` matters only for absolute ends)."""
         if not self.segments:
             return 1.0
         if step >= self.total_steps:
             last = self.segments[-1]
-            return last.factor(last.steps - 1)
+            return last.factor(last.steps - 1, peak)
         i = bisect.bisect_right(self.starts, step) - 1
-        return self.segments[i].factor(step - self.starts[i])
+        return self.segments[i].factor(step - self.starts[i], peak)
 
 
 def wsd(total_steps: int, warmup: int, decay: int, final_ratio: float = 1 / 16) -> Schedule:

@@ -1,7 +1,7 @@
 """A multi-stage run as plain data: stages, their batch and sequence steps, LR shapes, data mixtures.
 
 A full-scale config lists ``[[stages]]`` in order (RECIPE section 4: warmup, stable S1, stable S2,
-decay, long context). Each stage has
+decay, long context). Each stage (``StageTable``) has
 
 - ``name``, and either ``steps``, ``global_batch``, ``micro_batch``, ``seq_len`` or a list of
   ``[[stages.phases]]`` (long context raises the sequence length in steps; a phase may also change
@@ -10,15 +10,17 @@ decay, long context). Each stage has
 - ``lr = {shape, start, end}`` with shape ``linear | constant | exp``, as factors on every parameter
   group's peak LR (``base_lr`` from the muP table at the target width). ``start`` defaults to the
   previous stage's end (0 for a first linear stage, 1 for another first stage), so a run is
-  continuous unless it says otherwise. ``end_lr`` gives the end instead as an *absolute* LR of the
-  hidden matrices: the factor is ``end_lr / peak``, where ``peak`` is the AdamW hidden-matrix LR
-  at the target width (the recipe's "1.667e-3 hidden"). The recipe's long-context floor 1e-5 is
-  written that way; every group (embedding included) gets the same factor.
+  continuous unless it says otherwise. ``end_lr`` (and ``start_lr``) give the end (start) instead as
+  an *absolute* LR that every group reaches -- the recipe's long-context floor, 1e-5 for the
+  embedding and the hidden matrices alike, is ``end_lr = 1e-5``; the next stage then starts there.
 - ``mixture = [{name, data, weight}, ...]``: data sources sampled in proportion to weight
   (normalised). Without one the stage uses ``[data].mixture``.
+- ``activation_checkpointing``: this stage's policy (none | full | selective); without one, the
+  run's ``[train].activation_checkpointing``. Long context needs recomputation where the short
+  stages do not (``mutransfer plan --world-size N`` shows it).
 
-The optimizer switch is ``[optimizer] switch`` (default true) at ``switch_stage`` (default
-"decay"): stages from there on put the 2-D hidden matrices on Muon, the others on AdamW.
+The optimizer switch is ``[optimizer]`` (``SwitchSpec``): stages from ``switch_stage`` on put the
+2-D hidden matrices on Muon, the others on AdamW.
 
 Global batch = micro batch x accumulation x data-parallel size; ``accumulation`` checks that
 it divides, naming the field. Nothing here touches tensors: ``plan`` and the trainer share it.
@@ -27,21 +29,96 @@ it divides, naming the field. Nothing here touches tensors: ``plan`` and the tra
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from mutransfer.config import ConfigError, HParams, RunShape, from_mapping
+from pydantic import Field, model_validator
+
+from mutransfer.config import (
+    Checkpointing,
+    Config,
+    ConfigError,
+    HParams,
+    NonNegFloat,
+    PosFloat,
+    PosInt,
+    RunShape,
+    hparams_from,
+    parse,
+)
 from mutransfer.parametrization import resolve
-from mutransfer.schedule import SHAPES, Schedule, Segment
+from mutransfer.schedule import Schedule, Segment
+
+
+class SourceTable(Config):
+    """One data source of a mixture: a dataset spec (``builtin`` or a prepared dir) and its weight."""
+
+    data: Annotated[str, Field(min_length=1)]
+    weight: PosFloat = 1.0
+    name: str = ""
+
+
+class PhaseTable(Config):
+    steps: PosInt | None = None
+    seq_len: PosInt | None = None
+    global_batch: PosInt | None = None
+    micro_batch: PosInt | None = None
+
+
+class LRSpec(Config):
+    """A stage's ``lr`` table: factors on each group's peak LR, or absolute LRs every group reaches."""
+
+    shape: Literal["linear", "constant", "exp"]
+    start: NonNegFloat | None = None
+    end: NonNegFloat | None = None
+    start_lr: PosFloat | None = None
+    end_lr: PosFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_end(self) -> LRSpec:
+        if self.end is not None and self.end_lr is not None:
+            raise ValueError("give end (a factor) or end_lr (an absolute LR), not both")
+        if self.start is not None and self.start_lr is not None:
+            raise ValueError("give start (a factor) or start_lr (an absolute LR), not both")
+        return self
+
+
+class StageTable(PhaseTable):
+    name: Annotated[str, Field(min_length=1)]
+    phases: list[PhaseTable] | None = None
+    lr: LRSpec
+    mixture: list[SourceTable] | None = None
+    activation_checkpointing: Checkpointing | None = None  # this stage's policy; default: [train]'s
+
+
+class SwitchSpec(Config):
+    """``[optimizer]``: whether and where the hidden matrices move from AdamW to Muon, and how.
+
+    restart: ``all`` restarts every optimizer state at the switch (embedding and norm gains too),
+    as the recipe's decay run did; ``hidden`` keeps AdamW's state for the embedding and norm gains.
+    muon_fuse: Muon orthogonalises the fused Q|K|V and gate|up matrices, as the recipe's Megatron
+    did. Both default to the recipe's choice under ``xmodel`` and to the per-matrix, state-keeping
+    variant under ``mup``/``sp``.
+    """
+
+    switch: bool = True
+    switch_stage: str = "decay"
+    carry_momentum: bool = False  # seed Muon's momentum with AdamW's first moment (default: fresh)
+    restart: Literal["all", "hidden"] | None = None
+    muon_fuse: bool | None = None
+
+    def restart_for(self, parametrization: str) -> str:
+        return self.restart or ("all" if parametrization == "xmodel" else "hidden")
+
+    def fuse_for(self, parametrization: str) -> bool:
+        return self.muon_fuse if self.muon_fuse is not None else parametrization == "xmodel"
 
 
 @dataclass(frozen=True)
 class Source:
-    """One data source of a mixture: a dataset spec (``builtin`` or a prepared dir) and its weight."""
-
     data: str
-    weight: float = 1.0
-    name: str = ""
+    weight: float
+    name: str
 
 
 @dataclass(frozen=True)
@@ -68,25 +145,18 @@ class Phase:
 
 
 @dataclass(frozen=True)
-class LRSpec:
-    """The raw ``lr`` table of a stage (factors on the peak LR, or an absolute hidden-matrix end)."""
-
-    shape: str
-    start: float | None = None
-    end: float | None = None
-    end_lr: float | None = None
-
-
-@dataclass(frozen=True)
 class Stage:
     name: str
     start_step: int
     phases: tuple[Phase, ...]
     lr_shape: str
-    lr_start: float  # factor on the peak LR at the stage start
-    lr_end: float  # factor at its last step
+    lr_start: float  # factor on the peak LR at the stage start (when lr_start_abs is None)
+    lr_end: float  # factor at its last step (when lr_end_abs is None)
     mixture: tuple[Source, ...]
     optimizer: str  # "adamw" or "muon": the hidden matrices' optimizer in this stage
+    lr_start_abs: float | None = None  # absolute LR of every group at the start
+    lr_end_abs: float | None = None  # absolute LR of every group at the end
+    checkpointing: str | None = None  # activation checkpointing of this stage (None: the run's default)
 
     @property
     def steps(self) -> int:
@@ -102,7 +172,7 @@ class Stage:
         return sum(p.steps * p.tokens_per_step for p in self.phases)
 
     def segment(self) -> Segment:
-        return Segment(self.lr_shape, self.steps, self.lr_start, self.lr_end)
+        return Segment(self.lr_shape, self.steps, self.lr_start, self.lr_end, self.lr_start_abs, self.lr_end_abs)
 
     def phase_at(self, step: int) -> tuple[int, Phase]:
         """(index, phase) of global step ``step`` inside this stage."""
@@ -115,19 +185,10 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class SwitchSpec:
-    """``[optimizer]``: whether and where the hidden matrices move from AdamW to Muon."""
-
-    switch: bool = True
-    switch_stage: str = "decay"
-    carry_momentum: bool = False  # seed Muon's momentum with AdamW's first moment (default: fresh)
-
-
-@dataclass(frozen=True)
 class StagePlan:
     stages: tuple[Stage, ...]
     switch: SwitchSpec
-    hidden_peak_lr: float  # the AdamW hidden-matrix LR at the target width; ``end_lr`` divides by it
+    hidden_peak_lr: float  # the AdamW hidden-matrix LR at the target width (the logged LR factor's unit)
 
     @property
     def total_steps(self) -> int:
@@ -154,110 +215,89 @@ class StagePlan:
         i = bisect.bisect_right([s.start_step for s in self.stages], step) - 1
         return i, self.stages[i]
 
-    def validate_parallel(self, dp_size: int) -> None:
-        """Every phase's global batch divides into micro-batches over ``dp_size`` ranks."""
+    def phases(self):
+        """(stage index, stage, phase index, phase) for every phase, in order."""
         for i, s in enumerate(self.stages):
             for j, p in enumerate(s.phases):
-                where = f"stages[{i}] ({s.name})" + (f".phases[{j}]" if len(s.phases) > 1 else "")
-                p.accumulation(dp_size, where)
+                yield i, s, j, p
+
+    def validate_parallel(self, dp_size: int) -> None:
+        """Every phase's global batch divides into micro-batches over ``dp_size`` ranks."""
+        for i, s, j, p in self.phases():
+            p.accumulation(dp_size, phase_where(i, s, j))
 
 
-_STAGE_KEYS = ("name", "steps", "global_batch", "micro_batch", "seq_len", "phases", "lr", "mixture")
-_PHASE_FIELDS = ("steps", "seq_len", "global_batch", "micro_batch")
+def phase_where(i: int, stage: Stage, j: int) -> str:
+    return f"stages[{i}] ({stage.name})" + (f".phases[{j}]" if len(stage.phases) > 1 else "")
 
 
 def hidden_peak_lr(shape: RunShape, hp: HParams) -> float:
-    """The AdamW LR of a hidden matrix at this width: what an absolute ``end_lr`` is relative to."""
+    """The AdamW LR of a hidden matrix at this width (the unit of the logged LR factor)."""
     return resolve("layers.0.attention.wq.weight", shape.model, shape.param, hp, "adamw").lr
-
-
-def _positive_int(value, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{where} = {value!r} must be a positive integer")
-    return value
 
 
 def parse_mixture(value, where: str) -> tuple[Source, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where} = {value!r} must be a non-empty list of {{data, weight, name}} tables")
-    sources = []
-    for k, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}[{k}] = {item!r} must be a table {{data = ..., weight = ...}}")
-        src = from_mapping(Source, item, f"{where}[{k}]")
-        if not src.weight > 0:
-            raise ConfigError(f"{where}[{k}].weight = {src.weight} must be > 0")
-        sources.append(dataclasses.replace(src, name=src.name or f"source{k}"))
-    total = sum(s.weight for s in sources)
-    return tuple(dataclasses.replace(s, weight=s.weight / total) for s in sources)
+    tables = [parse(SourceTable, item, f"{where}[{k}]") for k, item in enumerate(value)]
+    total = sum(t.weight for t in tables)
+    return tuple(Source(data=t.data, weight=t.weight / total, name=t.name or f"source{k}")
+                 for k, t in enumerate(tables))
 
 
-def _parse_phases(raw: dict, where: str, max_seq_len: int) -> tuple[Phase, ...]:
-    defaults = {k: raw[k] for k in _PHASE_FIELDS if k in raw}
-    raw_phases = raw.get("phases")
-    if raw_phases is None:
-        raw_phases = [{}]
-        steps_total = None
-    else:
-        if not isinstance(raw_phases, list) or not raw_phases:
+def _phases(table: StageTable, where: str, max_seq_len: int) -> tuple[Phase, ...]:
+    fields = ("steps", "seq_len", "global_batch", "micro_batch")
+    defaults = {k: getattr(table, k) for k in fields if getattr(table, k) is not None}
+    items = table.phases
+    if items is not None:
+        if not items:
             raise ConfigError(f"{where}.phases must be a non-empty list of tables")
         defaults.pop("steps", None)
-        steps_total = raw.get("steps")
     phases = []
-    for j, item in enumerate(raw_phases):
-        pw = f"{where}.phases[{j}]" if raw.get("phases") is not None else where
-        if not isinstance(item, dict):
-            raise ConfigError(f"{pw} = {item!r} must be a table")
-        unknown = sorted(set(item) - set(_PHASE_FIELDS))
-        if unknown:
-            raise ConfigError(f"{pw}: unknown field(s) {unknown}; allowed: {list(_PHASE_FIELDS)}")
-        merged = {**defaults, **item}
-        for k in _PHASE_FIELDS:
+    for j, item in enumerate(items or [PhaseTable()]):
+        pw = f"{where}.phases[{j}]" if items is not None else where
+        merged = {**defaults, **{k: getattr(item, k) for k in fields if getattr(item, k) is not None}}
+        for k in fields:
             if k not in merged:
                 raise ConfigError(f"{pw}.{k} is missing (set it on the stage or the phase)")
-            _positive_int(merged[k], f"{pw}.{k}")
-        phase = Phase(**{k: merged[k] for k in _PHASE_FIELDS})
+        phase = Phase(**merged)
         if phase.seq_len > max_seq_len:
             raise ConfigError(f"{pw}.seq_len = {phase.seq_len} exceeds model.max_seq_len = {max_seq_len}")
         if phase.global_batch % phase.micro_batch:
             raise ConfigError(f"{pw}.global_batch = {phase.global_batch} is not divisible by "
                               f"micro_batch = {phase.micro_batch}")
         phases.append(phase)
-    if steps_total is not None and steps_total != sum(p.steps for p in phases):
-        raise ConfigError(f"{where}.steps = {steps_total} != the sum of its phases' steps "
+    if items is not None and table.steps is not None and table.steps != sum(p.steps for p in phases):
+        raise ConfigError(f"{where}.steps = {table.steps} != the sum of its phases' steps "
                           f"({sum(p.steps for p in phases)})")
     return tuple(phases)
 
 
-def _lr_factors(spec: LRSpec, where: str, prev_end: float | None, peak: float
-                ) -> tuple[float, float]:
-    if spec.shape not in SHAPES:
-        raise ConfigError(f"{where}.lr.shape = {spec.shape!r} is not allowed; choose one of {list(SHAPES)}")
+def _lr(spec: LRSpec, where: str, prev: tuple[float, float | None] | None) -> tuple[float, float, float | None,
+                                                                                   float | None]:
+    """(start factor, end factor, start absolute, end absolute) of a stage."""
+    start, start_abs = 0.0, spec.start_lr
     if spec.start is not None:
         start = spec.start
-    elif prev_end is not None:
-        start = prev_end
-    else:
-        start = 0.0 if spec.shape == "linear" else 1.0
-    if spec.end is not None and spec.end_lr is not None:
-        raise ConfigError(f"{where}.lr: give end (a factor) or end_lr (an absolute hidden-matrix LR), "
-                          "not both")
-    if spec.end_lr is not None:
-        if not spec.end_lr > 0:
-            raise ConfigError(f"{where}.lr.end_lr = {spec.end_lr} must be > 0")
-        end = spec.end_lr / peak
-    elif spec.end is not None:
+    elif start_abs is None:
+        if prev is not None:
+            start, start_abs = prev
+        else:
+            start = 0.0 if spec.shape == "linear" else 1.0
+    end, end_abs = start, spec.end_lr
+    if spec.end is not None:
         end = spec.end
-    elif spec.shape == "constant":
-        end = start
-    else:
-        raise ConfigError(f"{where}.lr.end is missing: a {spec.shape} stage needs end (a factor on the "
-                          "peak LR) or end_lr (an absolute hidden-matrix LR)")
-    if spec.shape == "constant" and end != start:
-        raise ConfigError(f"{where}.lr: a constant stage has end = start ({start}), got end = {end}")
-    if start < 0 or end < 0:
-        raise ConfigError(f"{where}.lr: start = {start} and end = {end} must be >= 0")
-    return float(start), float(end)
+    elif end_abs is None:
+        if spec.shape == "constant":
+            end, end_abs = start, start_abs
+        else:
+            raise ConfigError(f"{where}.lr.end is missing: a {spec.shape} stage needs end (a factor on the "
+                              "peak LR) or end_lr (an absolute LR)")
+    if spec.shape == "constant" and (end, end_abs) != (start, start_abs):
+        raise ConfigError(f"{where}.lr: a constant stage has end = start, got start = "
+                          f"{start_abs if start_abs is not None else start} and end = "
+                          f"{end_abs if end_abs is not None else end}")
+    return float(start), float(end), start_abs, end_abs
 
 
 def parse_stages(raw: dict, shape: RunShape, hp: HParams | None = None) -> StagePlan:
@@ -266,52 +306,42 @@ def parse_stages(raw: dict, shape: RunShape, hp: HParams | None = None) -> Stage
     raw_stages = raw.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
         raise ConfigError("stages: the config needs a non-empty [[stages]] list")
-    switch = from_mapping(SwitchSpec, raw.get("optimizer", {}), "optimizer")
+    switch = parse(SwitchSpec, raw.get("optimizer"), "optimizer")
     data = raw.get("data", {})
     if not isinstance(data, dict):
         raise ConfigError("data must be a table")
-    default_mixture = parse_mixture(data["mixture"], "data.mixture") if "mixture" in data else None
+    default_mixture = parse_mixture(data["mixture"], "data.mixture") if data.get("mixture") is not None else None
     names = [s.get("name") if isinstance(s, dict) else None for s in raw_stages]
     if switch.switch and switch.switch_stage not in names:
         raise ConfigError(f"optimizer.switch_stage = {switch.switch_stage!r} is not a stage name; "
                           f"stages are {names} (or set optimizer.switch = false)")
-    peak = hidden_peak_lr(shape, hp)
     stages: list[Stage] = []
     start_step = 0
-    prev_end: float | None = None
+    prev: tuple[float, float | None] | None = None
     optimizer = "adamw"
     for i, rs in enumerate(raw_stages):
-        where = f"stages[{i}]"
-        if not isinstance(rs, dict):
-            raise ConfigError(f"{where} must be a table")
-        unknown = sorted(set(rs) - set(_STAGE_KEYS))
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; allowed: {list(_STAGE_KEYS)}")
-        name = rs.get("name")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{where}.name is missing or not a string")
-        if names.count(name) > 1:
-            raise ConfigError(f"{where}.name = {name!r} is used by more than one stage")
-        where = f"stages[{i}] ({name})"
-        phases = _parse_phases(rs, where, shape.model.max_seq_len)
-        if not isinstance(rs.get("lr"), dict):
-            raise ConfigError(f"{where}.lr must be a table {{shape = 'linear' | 'constant' | 'exp', ...}}")
-        lr = from_mapping(LRSpec, rs["lr"], f"{where}.lr")
-        lr_start, lr_end = _lr_factors(lr, where, prev_end, peak)
-        if "mixture" in rs:
+        name = rs.get("name") if isinstance(rs, dict) else None
+        where = f"stages[{i}]" + (f" ({name})" if isinstance(name, str) and name else "")
+        table = parse(StageTable, rs, where)
+        if names.count(table.name) > 1:
+            raise ConfigError(f"{where}.name = {table.name!r} is used by more than one stage")
+        phases = _phases(table, where, shape.model.max_seq_len)
+        lr_start, lr_end, start_abs, end_abs = _lr(table.lr, where, prev)
+        if table.mixture is not None:
             mixture = parse_mixture(rs["mixture"], f"{where}.mixture")
         elif default_mixture is not None:
             mixture = default_mixture
         else:
             raise ConfigError(f"{where}.mixture is missing and there is no [data].mixture default")
-        if switch.switch and name == switch.switch_stage:
+        if switch.switch and table.name == switch.switch_stage:
             optimizer = "muon"
-        stage = Stage(name=name, start_step=start_step, phases=phases, lr_shape=lr.shape, lr_start=lr_start,
-                      lr_end=lr_end, mixture=mixture, optimizer=optimizer)
+        stage = Stage(name=table.name, start_step=start_step, phases=phases, lr_shape=table.lr.shape,
+                      lr_start=lr_start, lr_end=lr_end, mixture=mixture, optimizer=optimizer,
+                      lr_start_abs=start_abs, lr_end_abs=end_abs, checkpointing=table.activation_checkpointing)
         stages.append(stage)
         start_step = stage.end_step
-        prev_end = lr_end
-    return StagePlan(stages=tuple(stages), switch=switch, hidden_peak_lr=peak)
+        prev = (lr_end, end_abs)
+    return StagePlan(stages=tuple(stages), switch=switch, hidden_peak_lr=hidden_peak_lr(shape, hp))
 
 
 def describe_stages(raw: dict, shape: RunShape, hp: HParams | None = None) -> list[dict]:
@@ -320,8 +350,6 @@ def describe_stages(raw: dict, shape: RunShape, hp: HParams | None = None) -> li
     from mutransfer.parametrization import param_groups
 
     if hp is None:
-        from mutransfer.plan import hparams_from
-
         hp = hparams_from(raw.get("hparams", {}))
     plan = parse_stages(raw, shape, hp)
     model = build_model(shape, hp, device="meta")
@@ -331,19 +359,21 @@ def describe_stages(raw: dict, shape: RunShape, hp: HParams | None = None) -> li
         peaks[kind] = {f"{opt}/{g['role']}": g["base_lr"] for opt, gs in groups.items() for g in gs}
     out = []
     for s in plan.stages:
+        seg = s.segment()
         out.append({
             "name": s.name,
             "start_step": s.start_step,
             "steps": s.steps,
-            "phases": [dataclasses.asdict(p) | {"tokens_per_step": p.tokens_per_step} for p in s.phases],
+            "phases": [{"steps": p.steps, "seq_len": p.seq_len, "global_batch": p.global_batch,
+                        "micro_batch": p.micro_batch, "tokens_per_step": p.tokens_per_step} for p in s.phases],
             "tokens": s.tokens,
             "optimizer": s.optimizer,
             "lr_shape": s.lr_shape,
-            "lr_start_factor": s.lr_start,
-            "lr_end_factor": s.lr_end,
-            "lr_by_group": {k: {"peak": v, "start": v * s.lr_start, "end": v * s.lr_end}
+            "lr_start_factor": seg.start_factor(plan.hidden_peak_lr),
+            "lr_end_factor": seg.end_factor(plan.hidden_peak_lr),
+            "lr_by_group": {k: {"peak": v, "start": v * seg.start_factor(v), "end": v * seg.end_factor(v)}
                             for k, v in peaks[s.optimizer].items()},
-            "mixture": [dataclasses.asdict(m) for m in s.mixture],
+            "mixture": [{"data": m.data, "weight": m.weight, "name": m.name} for m in s.mixture],
         })
     return out
 
@@ -377,7 +407,7 @@ def format_stages(stages: list[dict]) -> str:
     lines.append(f"{'total':<14} {steps:>9} {'':>9} {'':<28} {'':>11} {_tokens(total):>10} "
                  f"({total:.4g} tokens{binary})")
     lines += ["", "LR per parameter group at the target width, stage start -> end "
-              "(peak from the muP table x the stage's factors):"]
+              "(peak from the muP table x the stage's factors; an absolute end_lr is every group's end):"]
     groups = sorted({k for s in stages for k in s["lr_by_group"]})
     lines.append(f"{'group':<18} " + " ".join(f"{s['name'][:19]:>19}" for s in stages))
     for g in groups:
@@ -387,6 +417,6 @@ def format_stages(stages: list[dict]) -> str:
             cells.append(f"{v['start']:.2e}->{v['end']:.2e}" if v else f"{'-':>19}")
         lines.append(f"{g:<18} " + " ".join(cells))
     if any(k.startswith("muon/") for k in groups):
-        lines.append("(muon/*: the LR handed to torch.optim.Muon, which scales it by its adjust_lr_fn, "
+        lines.append("(muon/*: the LR handed to Muon, which scales it by its adjust_lr_fn, "
                      "e.g. match_rms_adamw: 0.2 sqrt(max(fan_out, fan_in)))")
     return "\n".join(lines)

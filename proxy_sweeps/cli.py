@@ -17,16 +17,20 @@ def register_sweep(sub) -> None:
     p.add_argument("--gpus-per-trial", type=int, default=0,
                    help="GPUs per worker, assigned through CUDA_VISIBLE_DEVICES (train.device cuda/auto)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker (default: cores / workers)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the sweep file, e.g. train.steps=60 or sampler.kind=random (repeatable)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="continue a study although its data changed since its trials ran (recorded in the study)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_run_sweep)
 
 
 def _run_sweep(args) -> int:
-    from proxy_sweeps.engine import run_sweep
+    from proxy_sweeps.sweep import run_sweep
 
     return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
                      study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
-                     threads=args.threads)
+                     threads=args.threads, overrides=args.overrides, allow_data_change=args.allow_data_change)
 
 
 def register_freeze(sub) -> None:
@@ -34,27 +38,41 @@ def register_freeze(sub) -> None:
     p.add_argument("dir", help="a directory written by `mutransfer sweep`")
     p.add_argument("--out", required=True, help="lock file to write, e.g. hparams.lock.json")
     p.add_argument("--storage", help="storage URL, when config.json's has no password")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="hparams.KEY=VALUE",
+                   help="set a frozen value by hand, e.g. hparams.weight_decay=0.05 (recorded in the provenance)")
+    p.add_argument("--law", dest="laws", action="append", default=[], metavar="TRANSFER_DIR",
+                   help="attach the horizon (axis steps) or batch (axis batch_size) law a transfer check fitted; "
+                        "a full-scale config applies it with [transfer] horizon/batch = 'fitted'")
     p.set_defaults(func=_run_freeze)
 
 
 def _run_freeze(args) -> int:
     from proxy_sweeps.freeze import freeze
 
-    lock = freeze(args.dir, args.out, storage=args.storage)
+    lock = freeze(args.dir, args.out, storage=args.storage, overrides=args.overrides, law_dirs=args.laws)
     prov = lock["provenance"]
     print(f"froze trial {prov['trial_number']} of study {prov['study']!r} "
           f"(objective {prov['objective']['value']:.4f}) -> {args.out}", file=sys.stderr)
     for name in prov["searched"]:
         value = lock["hparams"].get(name, prov["schedule_params"].get(name))
         print(f"  {name} = {value:.6g}", file=sys.stderr)
+    for kind, law in lock.get("laws", {}).items():
+        print(f"  {kind} law: log2 LR* = {law['a']:.3f} - {law['beta']:.3f} log2 {law['unit']} (from {law['source']})",
+              file=sys.stderr)
     return 0
 
 
 def register_transfer_check(sub) -> None:
-    p = sub.add_parser("transfer-check", help="LR-transfer evidence: loss vs LR across widths, mup vs sp")
+    p = sub.add_parser("transfer-check", help="LR-transfer evidence along width, depth, token horizon or batch size")
     p.add_argument("file", help="transfer-check definition (TOML), e.g. proxy_sweeps/lr_transfer_tiny.toml")
     p.add_argument("--out", required=True, help="results directory (runs.jsonl, verdict.json, transfer.png)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel on this machine (CPU threads split)")
+    p.add_argument("--seeds", type=int, help="seeds per grid point (raise it on a re-run to add seeds to the "
+                                             "directory without repeating the runs it has)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the file, e.g. train.steps=60 (repeatable)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="continue a directory although its data changed since its runs")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_run_transfer)
 
@@ -62,4 +80,5 @@ def register_transfer_check(sub) -> None:
 def _run_transfer(args) -> int:
     from proxy_sweeps.transfer import run_transfer_check
 
-    return run_transfer_check(args.file, args.out, workers=args.workers, quiet=args.quiet)
+    return run_transfer_check(args.file, args.out, workers=args.workers, quiet=args.quiet, overrides=args.overrides,
+                              seeds=args.seeds, allow_data_change=args.allow_data_change)

@@ -6,7 +6,6 @@ the plots in ``analysis.sweep`` then work from the files alone.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import warnings
@@ -16,7 +15,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-RETRY_ATTR = "failed_trial"
+from mutransfer.rundir import write_json
+from proxy_sweeps.budget import DUPLICATE_ATTR, OUTCOME_ATTR, RETRY_ATTR, account
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -30,7 +30,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "number": t.number,
             "state": t.state.name,
             "value": t.value if t.state == TrialState.COMPLETE else math.nan,
-            "reason": t.user_attrs.get("reason"),
+            "reason": t.user_attrs.get("reason") or _lost_reason(t),
+            "outcome": t.user_attrs.get(OUTCOME_ATTR),
+            "duplicate_of": t.user_attrs.get(DUPLICATE_ATTR),
+            "sampler_seed": t.user_attrs.get("sampler_seed"),
             "duration_s": duration,
             "tokens": t.user_attrs.get("tokens"),
             "seed_values": [float(v) for v in t.user_attrs.get("seed_values", [])],
@@ -46,7 +49,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             row[f"params_{name}"] = value
         rows.append(row)
     df = pd.DataFrame(rows)
-    for column in ("retry_of", "tokens", "last_step"):  # integers with gaps, not floats
+    for column in ("retry_of", "tokens", "last_step", "duplicate_of", "sampler_seed"):  # integers with gaps
         if column in df:
             df[column] = df[column].astype("Int64")
     return df
@@ -72,14 +75,25 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return min(complete, key=lambda t: t.value, default=None)
 
 
-def summarize(study: optuna.Study, cfg: dict) -> dict:
+def _lost_reason(t) -> str | None:
+    if t.state == TrialState.FAIL:
+        return "worker lost: no heartbeat within the grace period (killed or hung)"
+    return None
+
+
+def summarize(study: optuna.Study, cfg: dict, max_retries: int = 2) -> dict:
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    acc = account(trials, max_retries)
     best = best_trial(study)
     summary = {"study": cfg["study"], "storage": cfg["storage"], "trials_budget": cfg["trials"],
-               "trials_total": len(trials), "states": counts, "best": None}
+               "trials_total": len(trials), "states": counts, "best": None,
+               "budget": {"logical_trials": acc.used, "done": acc.done, "complete": acc.complete,
+                          "pruned": acc.pruned, "failed": acc.failed, "lost": acc.lost, "pending": acc.pending,
+                          "retries": acc.retries, "duplicates_reasked": acc.duplicates,
+                          "max_retries": max_retries}}
     if best is not None:
         seeds = best.user_attrs.get("seed_values", [])
         summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
@@ -88,12 +102,15 @@ def summarize(study: optuna.Study, cfg: dict) -> dict:
     return summary
 
 
-def export(study: optuna.Study, out_dir: str | Path, cfg: dict) -> dict:
+def export(study: optuna.Study, out_dir: str | Path, cfg: dict, max_retries: int = 2) -> dict:
     out = Path(out_dir)
-    trials_frame(study).to_parquet(out / "trials.parquet", index=False)
-    (out / "importances.json").write_text(json.dumps(importances(study), indent=2) + "\n")
-    summary = summarize(study, cfg)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    frame = trials_frame(study)
+    tmp = out / ".trials.parquet.tmp"
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out / "trials.parquet")
+    write_json(out / "importances.json", importances(study))
+    summary = summarize(study, cfg, max_retries)
+    write_json(out / "summary.json", summary)
     from analysis.sweep import plot_sweep
 
     plot_sweep(out)

@@ -2,8 +2,8 @@
 
 Storage: a journal file (default: one machine, several processes) or any RDB URL (PostgreSQL to
 spread one study over machines). Both get a heartbeat, so a trial whose worker died is failed
-and retried once (RetryHeartbeatStaleTrialCallback). Optuna 5's JournalStorage has no heartbeat,
-so ``HeartbeatJournalStorage`` adds one: the last beat is a trial system attribute.
+and retried up to ``max_retries`` times (RetryHeartbeatStaleTrialCallback). Optuna 5's
+JournalStorage has no heartbeat, so ``optuna_adapter.HeartbeatJournalStorage`` adds one.
 
 Budget lock: "is the budget spent? if not, ask for a trial" must be one atomic step, or N
 workers overshoot the trial count. A kernel file lock (flock) does it on one machine (released
@@ -13,27 +13,20 @@ by the kernel when a worker is SIGKILLed); PostgreSQL and MySQL use a named serv
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
-import time
 import warnings
 import zlib
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import BaseJournalFileLock  # public base class, private module
-from optuna.trial import TrialState
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from mutransfer.config import ConfigError
+from proxy_sweeps.optuna_adapter import FlockLock, HeartbeatJournalStorage
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 JOURNAL_PREFIX = "journal:"
-HEARTBEAT_ATTR = "heartbeat"
 
 
 def default_storage(out_dir: str | Path) -> str:
@@ -61,65 +54,14 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-class FlockLock(BaseJournalFileLock):
-    """Journal file lock by flock(2): the kernel drops it when the holder dies, so a SIGKILLed
-    worker never leaves the others waiting (Optuna's symlink lock waits out a grace period)."""
-
-    def __init__(self, path: str):
-        self._path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """JournalStorage with Optuna's heartbeat protocol; the beat is the trial's ``heartbeat``
-    system attribute (wall-clock seconds: the journal is one machine's file, one clock)."""
-
-    def __init__(self, path: str, heartbeat_interval: int, grace_period: int, callback=None):
-        super().__init__(JournalFileBackend(path, lock_obj=FlockLock(path + ".lock")))
-        self._heartbeat_interval = heartbeat_interval
-        self._grace_period = grace_period
-        self._stale_callback = callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        stale = []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            # A retry inherits its original's system attrs, beat included: the start time counts too.
-            last = max(t.system_attrs.get(HEARTBEAT_ATTR, 0.0), t.datetime_start.timestamp())
-            if now - last > self._grace_period:
-                stale.append(t._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self._heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self._stale_callback
-
-
-def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 60) -> optuna.storages.BaseStorage:
-    """The storage for ``url`` with heartbeat on and one retry of a trial whose worker died."""
+def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 60, max_retries: int = 2
+                 ) -> optuna.storages.BaseStorage:
+    """The storage for ``url`` with heartbeat on and up to ``max_retries`` retries of a lost trial."""
     if "://" not in url:
         url = normalize(url, ".")
     with warnings.catch_warnings():  # experimental since 2.8, stable in use
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
     path = journal_path(url)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

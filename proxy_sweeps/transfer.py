@@ -1,59 +1,129 @@
-"""``mutransfer transfer-check``: does the optimal base LR stay put as the width grows?
+"""``mutransfer transfer-check``: does the optimal base LR stay put as the model or the run grows?
 
-A grid of widths (x2 steps) x learning rates (x2 steps by default) x seeds, for each
-parametrization (``mup`` and the ``sp`` control side by side), every run scored on the held-out
-loss. Runs are appended to DIR/runs.jsonl as they finish, so an interrupted check continues where
-it stopped. Within one (parametrization, width, seed) the LRs run from small to large; once a run
-diverges, the larger LRs are recorded as diverged without training (they would diverge too).
-Diverged runs have loss NaN and are left out of the fits. Fits and verdict: ``analysis.transfer``.
+A grid of axis values x learning rates (x2 steps by default) x seeds, for each variant (a
+parametrization, and for ``mup`` each depth exponent asked for), every run scored on the held-out
+loss. The axis is one of
 
-File layout: [transfer] widths, parametrizations, lr_log2_low, lr_log2_high, lr_log2_step, seeds,
-last_evals; then [model], [param], [data], [train], [hparams] as in a sweep file (the grid sets
-the LR, so hparams.lr may not be given).
+- ``width``: the preset's family at each width (head dim fixed);
+- ``depth``: the preset with that many blocks (``param.depth_base`` stays the base depth);
+- ``steps``: the token horizon -- the run's length (``warmup``/``decay`` from the [train] table, or
+  ``transfer.warmup_fraction``/``decay_fraction`` of each horizon);
+- ``batch_size``: the global batch at a fixed token budget (``transfer.tokens``), so the steps
+  shrink as the batch grows; micro-batches of ``train.micro_batch_size`` are accumulated.
+
+Runs are appended to DIR/runs.jsonl as they finish, so an interrupted check continues where it
+stopped, and more seeds can be added later (``--seeds N``) without repeating the runs it has.
+Within one (variant, axis value, seed) the LRs run from small to large; once a run diverges, the
+larger LRs are recorded as diverged without training. Fits, intervals and the verdict:
+``proxy_sweeps.transfer_verdict``; the figure: ``analysis.transfer``.
+
+File layout: [transfer] (``TransferSettings``), then [model], [param], [data], [train], [hparams]
+as in a sweep file (the grid sets the LR, so hparams.lr may not be given).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
-import json
 import math
 import multiprocessing
-import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-from mutransfer.config import ConfigError, HParams, RunShape, from_mapping, load_toml
-from mutransfer.parametrization import PARAMETRIZATIONS
-from mutransfer.plan import hparams_from, shape_from_config
-from mutransfer.presets import at_width
-from mutransfer.training import Diverged, TrainConfig, train_proxy
+from pydantic import Field, model_validator
+
+from mutransfer.config import (
+    Config,
+    ConfigError,
+    HParams,
+    Parametrization,
+    PosInt,
+    ProxyTrain,
+    RunShape,
+    apply_overrides,
+    hparams_from,
+    load_toml,
+    parse,
+    updated,
+)
+from mutransfer.plan import shape_from_config
+from mutransfer.presets import at_depth, at_width
+from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
+from mutransfer.training import Diverged, train_proxy
 
 TABLES = ("transfer", "model", "param", "data", "train", "hparams")
 RUNS_FILE = "runs.jsonl"
+AXES = ("width", "depth", "steps", "batch_size")
+# Octaves the optimum may move (width, depth: its drift over the span; horizon, batch: the fitted
+# law's error at the held-out largest value).
+DEFAULT_GOALS = {"width": 0.5, "depth": 0.5, "steps": 0.35, "batch_size": 0.35}
 
 
-@dataclass(frozen=True)
-class TransferSettings:
-    widths: list[int] = field(default_factory=list)
-    parametrizations: list[str] = field(default_factory=lambda: ["mup", "sp"])
+class TransferSettings(Config):
+    """``[transfer]``: the axis and its values, the variants, the LR grid, seeds and goals."""
+
+    axis: Literal["width", "depth", "steps", "batch_size"] = "width"
+    values: list[PosInt] = Field(default_factory=list)  # ascending, e.g. widths [32, 64, 128, 256]
+    parametrizations: list[Parametrization] = Field(default_factory=lambda: ["mup", "sp"])
+    depth_alphas: list[Annotated[float, Field(ge=0.5, le=1.0)]] = Field(default_factory=list)  # mup variants
     lr_log2_low: float = -12.0
     lr_log2_high: float = -4.0
-    lr_log2_step: float = 1.0  # 1.0: the x2 grid
-    seeds: int = 2
-    last_evals: int = 1
+    lr_log2_step: Annotated[float, Field(gt=0)] = 1.0  # 1.0: the x2 grid
+    seeds: PosInt = 2
+    last_evals: PosInt = 1
+    goal_octaves: Annotated[float, Field(gt=0)] | None = None  # allowed drift/residual; default by axis
+    min_span: Annotated[float, Field(ge=1)] = 8.0  # largest / smallest axis value the goal needs
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.9  # of the bootstrap intervals
+    bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples; 0: point estimates only (no intervals)
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # steps axis: warmup per horizon
+    decay_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # steps axis: decay per horizon
+    tokens: PosInt | None = None  # batch_size axis: the fixed token budget of every run
+
+    @model_validator(mode="after")
+    def _grid(self) -> TransferSettings:
+        if len(self.values) < 2:
+            raise ValueError(f"values = {self.values}: give at least two {self.axis} values")
+        if sorted(set(self.values)) != self.values:
+            raise ValueError(f"values = {self.values} must be ascending without repeats")
+        if not self.parametrizations:
+            raise ValueError("parametrizations: give at least one")
+        if not self.lr_log2_low < self.lr_log2_high:
+            raise ValueError(f"lr_log2_low = {self.lr_log2_low} must be below lr_log2_high = {self.lr_log2_high}")
+        steps = (self.lr_log2_high - self.lr_log2_low) / self.lr_log2_step
+        if abs(steps - round(steps)) > 1e-9 or round(steps) < 2:
+            raise ValueError("lr_log2_high - lr_log2_low must be a whole number (>= 2) of lr_log2_step")
+        if self.axis == "batch_size" and self.tokens is None:
+            raise ValueError("axis = 'batch_size' needs tokens (the fixed token budget of every run)")
+        if self.axis in ("steps", "batch_size") and len(self.values) < 3:
+            raise ValueError(f"values = {self.values}: a {self.axis} law is fitted on all but the largest value, "
+                             "so give at least three")
+        return self
+
+    @property
+    def goal(self) -> float:
+        return self.goal_octaves if self.goal_octaves is not None else DEFAULT_GOALS[self.axis]
 
 
-@dataclass(frozen=True)
+# The transfer-check file's own table, for ``mutransfer schema`` (the rest are a sweep file's).
+CONFIG_TABLES = ("Transfer-check file (mutransfer transfer-check)", [("[transfer]", TransferSettings)])
+
+
+class Variant(Config):
+    """One curve family of the check: a parametrization (and its depth exponent)."""
+
+    parametrization: Parametrization
+    depth_alpha: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.parametrization if self.depth_alpha is None else f"{self.parametrization}(a={self.depth_alpha:g})"
+
+
 class TransferSpec:
-    settings: TransferSettings
-    shape: RunShape
-    data: str
-    train: TrainConfig
-    hparams: HParams
-    raw: dict = field(default_factory=dict, compare=False, repr=False)
+    def __init__(self, settings: TransferSettings, shape: RunShape, data: str, train: ProxyTrain, hparams: HParams,
+                 raw: dict):
+        self.settings, self.shape, self.data, self.train, self.hparams, self.raw = \
+            settings, shape, data, train, hparams, raw
 
     @property
     def lr_log2(self) -> list[float]:
@@ -61,92 +131,117 @@ class TransferSpec:
         n = int(round((s.lr_log2_high - s.lr_log2_low) / s.lr_log2_step)) + 1
         return [s.lr_log2_low + i * s.lr_log2_step for i in range(n)]
 
-    def shape_at(self, parametrization: str, width: int) -> RunShape:
-        param = dataclasses.replace(self.shape.param, parametrization=parametrization)
-        return RunShape(model=at_width(self.shape.model, width), param=param)
+    @property
+    def variants(self) -> list[Variant]:
+        out = []
+        for p in self.settings.parametrizations:
+            if p == "mup" and self.settings.depth_alphas:
+                out += [Variant(parametrization=p, depth_alpha=a) for a in self.settings.depth_alphas]
+            else:
+                out.append(Variant(parametrization=p))
+        return out
+
+    def shape_at(self, variant: Variant, value: int) -> RunShape:
+        """The model of one axis value (width and depth change the model; steps and batch do not)."""
+        changes = {"parametrization": variant.parametrization}
+        if variant.depth_alpha is not None:
+            changes["depth_alpha"] = variant.depth_alpha
+        param = updated(self.shape.param, "param", **changes)
+        model = self.shape.model
+        if self.settings.axis == "width":
+            model = at_width(model, value)
+        elif self.settings.axis == "depth":
+            model = at_depth(model, value)
+        return RunShape(model=model, param=param)
+
+    def train_at(self, value: int) -> ProxyTrain:
+        """The run's budget at one axis value (``transfer.values`` entries name the field in errors)."""
+        s, tc = self.settings, self.train
+        where = f"transfer.values ({s.axis} = {value})"
+        if s.axis == "steps":
+            changes = {"steps": value}
+            if s.warmup_fraction is not None:
+                changes["warmup"] = int(round(s.warmup_fraction * value))
+            if s.decay_fraction is not None:
+                changes["decay"] = int(round(s.decay_fraction * value))
+            return updated(tc, where, **changes)
+        if s.axis == "batch_size":
+            per_step = value * tc.seq_len
+            if s.tokens % per_step:
+                raise ConfigError(f"{where}: transfer.tokens = {s.tokens} is not a whole number of steps of "
+                                  f"{value} x {tc.seq_len} tokens")
+            micro = tc.micro_batch_size or tc.batch_size
+            if value % micro:
+                raise ConfigError(f"{where}: batch {value} does not divide into micro-batches of "
+                                  f"train.micro_batch_size = {micro}")
+            steps = s.tokens // per_step
+            changes = {"batch_size": value, "steps": steps, "micro_batch_size": micro}
+            if s.warmup_fraction is not None:
+                changes["warmup"] = int(round(s.warmup_fraction * steps))
+            if s.decay_fraction is not None:
+                changes["decay"] = int(round(s.decay_fraction * steps))
+            changes["eval_every"] = min(tc.eval_every, steps)
+            return updated(tc, where, **changes)
+        return tc
 
 
 def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
     unknown = sorted(set(data) - set(TABLES))
     if unknown:
         raise ConfigError(f"{where}: unknown table(s) {unknown}; allowed: {list(TABLES)}")
-    s = from_mapping(TransferSettings, data.get("transfer"), "transfer")
-    widths = s.widths
-    if len(widths) < 2 or any(not isinstance(w, int) or w <= 0 for w in widths):
-        raise ConfigError(f"transfer.widths = {widths!r} must list at least two positive integer widths")
-    for a, b in zip(widths, widths[1:], strict=False):
-        if b != 2 * a:
-            raise ConfigError(f"transfer.widths = {widths!r} must be a x2 grid, ascending (e.g. [32, 64, 128, 256])")
-    if not s.parametrizations or any(p not in PARAMETRIZATIONS for p in s.parametrizations):
-        raise ConfigError(f"transfer.parametrizations = {s.parametrizations!r}: choose from {list(PARAMETRIZATIONS)}")
-    if not s.lr_log2_low < s.lr_log2_high or s.lr_log2_step <= 0:
-        raise ConfigError(f"transfer.lr_log2_low = {s.lr_log2_low} must be below transfer.lr_log2_high = "
-                          f"{s.lr_log2_high}, and transfer.lr_log2_step = {s.lr_log2_step} positive")
-    steps = (s.lr_log2_high - s.lr_log2_low) / s.lr_log2_step
-    if abs(steps - round(steps)) > 1e-9 or round(steps) < 2:
-        raise ConfigError("transfer.lr_log2_high - lr_log2_low must be a whole number (>= 2) of lr_log2_step")
-    if s.seeds < 1 or s.last_evals < 1:
-        raise ConfigError("transfer.seeds and transfer.last_evals must be >= 1")
-    if "lr" in data.get("hparams", {}):
+    settings = parse(TransferSettings, data.get("transfer"), "transfer")
+    hp_table = data.get("hparams", {})
+    if not isinstance(hp_table, dict):
+        raise ConfigError("hparams: expected a table")
+    if "lr" in hp_table:
         raise ConfigError("hparams.lr: the LR is the grid's (transfer.lr_log2_*); remove it")
     shape = shape_from_config({k: data[k] for k in ("model", "param") if k in data}, "transfer")
-    for w in widths:
-        at_width(shape.model, w)  # names the width that does not fit the head dim
     data_table = data.get("data", {})
-    unknown = sorted(set(data_table) - {"spec"})
-    if unknown:
-        raise ConfigError(f"data: unknown field(s) {unknown}; allowed: ['spec']")
-    train = from_mapping(TrainConfig, data.get("train"), "train").validate("train")
-    hparams = hparams_from(data.get("hparams", {}))
-    return TransferSpec(settings=s, shape=shape, data=data_table.get("spec", "builtin"), train=train,
-                        hparams=hparams, raw=data)
+    if not isinstance(data_table, dict) or sorted(set(data_table) - {"spec"}):
+        raise ConfigError("data: expected a table with only 'spec'")
+    train = parse(ProxyTrain, data.get("train"), "train")
+    spec = TransferSpec(settings=settings, shape=shape, data=data_table.get("spec", "builtin"), train=train,
+                        hparams=hparams_from(hp_table), raw=data)
+    for variant in spec.variants:
+        for value in settings.values:  # every grid point must be a model and a budget, before compute
+            spec.shape_at(variant, value)
+            spec.train_at(value)
+    return spec
 
 
-def load_transfer_spec(path) -> TransferSpec:
-    return spec_from_mapping(load_toml(path), Path(path).name)
+def load_transfer_spec(path, overrides=()) -> TransferSpec:
+    return spec_from_mapping(apply_overrides(load_toml(path), overrides, TABLES), Path(path).name)
 
 
 # ---------------------------------------------------------------- runs
 
 
 def run_key(r: dict) -> tuple:
-    return (r["parametrization"], r["width"], float(r["lr_log2"]), r["seed"])
+    return (r["variant"], int(r["value"]), float(r["lr_log2"]), int(r["seed"]))
 
 
 def read_runs(out_dir) -> list[dict]:
-    path = Path(out_dir) / RUNS_FILE
-    if not path.is_file():
-        return []
-    runs = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                runs.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: that run is simply redone
-                continue
-    return runs
+    return read_jsonl(Path(out_dir) / RUNS_FILE)
 
 
-def append_run(out_dir, record: dict) -> None:
-    with open(Path(out_dir) / RUNS_FILE, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def one_run(spec: TransferSpec, dataset, parametrization: str, width: int, lr_log2: float, seed: int) -> dict:
-    shape = spec.shape_at(parametrization, width)
-    hp = dataclasses.replace(spec.hparams, lr=2.0**lr_log2)
-    tc = dataclasses.replace(spec.train, seed=spec.train.seed + seed, data_seed=spec.train.data_seed + seed)
-    record = {"parametrization": parametrization, "width": width, "lr_log2": lr_log2, "lr": 2.0**lr_log2,
-              "seed": seed}
+def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, lr_log2: float, seed: int) -> dict:
+    shape = spec.shape_at(variant, value)
+    hp = updated(spec.hparams, "hparams", lr=2.0**lr_log2)
+    base = spec.train_at(value)
+    tc = updated(base, "train", seed=base.seed + seed, data_seed=base.data_seed + seed)
+    record = {"variant": variant.name, "parametrization": variant.parametrization, "axis": spec.settings.axis,
+              "value": value, "lr_log2": lr_log2, "lr": 2.0**lr_log2, "seed": seed,
+              "width": shape.model.d_model, "depth": shape.model.n_layers, "steps": tc.steps,
+              "batch_size": tc.batch_size}
     start = time.perf_counter()
     try:
         result = train_proxy(shape, hp, tc, dataset)
         loss = result.final_val(spec.settings.last_evals)
-        record.update(status="ok" if math.isfinite(loss) else "diverged", loss=loss if math.isfinite(loss) else None,
-                      val_losses=result.val_losses)
+        ok = math.isfinite(loss)
+        record.update(status="ok" if ok else "diverged", loss=loss if ok else None,
+                      val_losses=result.val_losses, val_batches=result.final_val_batches(spec.settings.last_evals))
     except Diverged as e:
         record.update(status="diverged", loss=None, reason=e.reason)
     except Exception as e:  # noqa: BLE001 -- recorded; the grid goes on
@@ -155,32 +250,22 @@ def one_run(spec: TransferSpec, dataset, parametrization: str, width: int, lr_lo
     return record
 
 
-def _device(requested: str) -> str:
-    """"auto" -> a GPU when there is one; pool worker k takes GPU k (mod the count)."""
-    import torch
-
-    if requested not in ("auto", "cuda") or not torch.cuda.is_available():
-        return "cpu" if requested == "auto" else requested
-    identity = multiprocessing.current_process()._identity
-    return f"cuda:{(identity[0] - 1 if identity else 0) % torch.cuda.device_count()}"
-
-
 def _chain(args) -> list[dict]:
-    """One (parametrization, width, seed): LRs ascending, stop training after the first divergence."""
-    out_dir, raw, parametrization, width, seed, todo, threads = args
+    """One (variant, axis value, seed): LRs ascending, stop training after the first divergence."""
+    out_dir, raw, variant_dict, value, seed, todo, threads = args
     import torch
 
     from mutransfer.data.builtin import open_dataset
 
     torch.set_num_threads(threads)
     spec = spec_from_mapping(raw)
-    spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, device=_device(spec.train.device)))
+    variant = Variant(**variant_dict)
     dataset = open_dataset(spec.data, spec.shape.model.tokenizer)
     done = {run_key(r): r for r in read_runs(out_dir)}
     diverged_at = None
     records = []
     for x in spec.lr_log2:
-        key = (parametrization, width, float(x), seed)
+        key = (variant.name, value, float(x), seed)
         if key in done:
             if done[key]["status"] == "diverged":
                 diverged_at = x if diverged_at is None else diverged_at
@@ -188,11 +273,12 @@ def _chain(args) -> list[dict]:
         if key not in todo:
             continue
         if diverged_at is not None:
-            record = {"parametrization": parametrization, "width": width, "lr_log2": x, "lr": 2.0**x, "seed": seed,
+            record = {"variant": variant.name, "parametrization": variant.parametrization,
+                      "axis": spec.settings.axis, "value": value, "lr_log2": x, "lr": 2.0**x, "seed": seed,
                       "status": "diverged", "loss": None, "seconds": 0.0,
                       "reason": f"not run: diverged at the smaller lr 2^{diverged_at:g}"}
         else:
-            record = one_run(spec, dataset, parametrization, width, x, seed)
+            record = one_run(spec, dataset, variant, value, x, seed)
             if record["status"] == "diverged":
                 diverged_at = x
         append_run(out_dir, record)
@@ -200,43 +286,61 @@ def _chain(args) -> list[dict]:
     return records
 
 
-def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False) -> int:
-    from analysis.transfer import analyze
-    from mutransfer.data.builtin import open_dataset
-    from proxy_sweeps.provenance import environment
+def append_run(out_dir, record: dict) -> None:
+    append_jsonl(Path(out_dir) / RUNS_FILE, record)
 
-    spec = load_transfer_spec(path)
+
+def _definition(spec: TransferSpec) -> dict:
+    """What must not change between runs into one directory: everything but the seed count."""
+    raw = {k: v for k, v in spec.raw.items() if k != "transfer"}
+    raw["transfer"] = {k: v for k, v in spec.raw.get("transfer", {}).items() if k != "seeds"}
+    return raw
+
+
+def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(),
+                       seeds: int | None = None, allow_data_change: bool = False) -> int:
+    from mutransfer.data.builtin import open_dataset
+    from proxy_sweeps.transfer_verdict import format_verdict, judge
+
     if workers < 1:
         raise ConfigError(f"--workers = {workers} must be >= 1")
+    if seeds is not None:
+        overrides = [*overrides, f"transfer.seeds={seeds}"]
+    spec = load_transfer_spec(path, overrides)
     dataset = open_dataset(spec.data, spec.shape.model.tokenizer)  # checked before any compute
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"spec_file": str(Path(path).resolve()), "data_fingerprint": dataset.fingerprint,
-              "lr_log2": spec.lr_log2, "spec": spec.raw}
     config_path = out / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()).get("spec") != json.loads(
-            json.dumps(spec.raw)):
-        raise ConfigError(f"{out}: holds a transfer check of a different definition; use another --out")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
-    (out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+    if config_path.is_file():
+        old = read_json(config_path, "transfer-check config")
+        if old.get("definition") != _definition(spec):
+            raise ConfigError(f"{out}: holds a transfer check of a different definition; use another --out "
+                              "(only transfer.seeds may change between runs into one directory)")
+        if old.get("data_fingerprint") != dataset.fingerprint and not allow_data_change:
+            raise ConfigError(f"{out}: its runs were trained on data with fingerprint "
+                              f"{str(old.get('data_fingerprint'))[:16]}..., data {spec.data!r} now has "
+                              f"{dataset.fingerprint[:16]}...; use another --out or pass --allow-data-change")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(config_path, {"spec_file": str(Path(path).resolve()), "overrides": list(overrides),
+                             "data_fingerprint": dataset.fingerprint, "lr_log2": spec.lr_log2,
+                             "definition": _definition(spec), "spec": spec.raw})
+    write_json(out / "environment.json", environment())
 
     s = spec.settings
     done = {run_key(r) for r in read_runs(out)}
     chains = []
-    for p in s.parametrizations:
-        for w in s.widths:
+    for v in spec.variants:
+        for value in s.values:
             for seed in range(s.seeds):
-                todo = {(p, w, float(x), seed) for x in spec.lr_log2} - done
+                todo = {(v.name, value, float(x), seed) for x in spec.lr_log2} - done
                 if todo:
-                    chains.append((p, w, seed, todo))
-    chains.sort(key=lambda c: -c[1])  # widest (slowest) first
-    total = len(s.parametrizations) * len(s.widths) * s.seeds * len(spec.lr_log2)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // workers)
-    tasks = [(str(out), spec.raw, p, w, seed, todo, threads) for p, w, seed, todo in chains]
+                    chains.append((v, value, seed, todo))
+    chains.sort(key=lambda c: -c[1])  # the largest (slowest) first
+    total = len(spec.variants) * len(s.values) * s.seeds * len(spec.lr_log2)
+    threads = max(1, cpu_count() // workers)
+    tasks = [(str(out), spec.raw, v.model_dump(), value, seed, todo, threads) for v, value, seed, todo in chains]
     start, finished = time.perf_counter(), total - sum(len(c[3]) for c in chains)
     if not quiet:
-        print(f"transfer-check: {len(s.parametrizations)} parametrizations x {len(s.widths)} widths x "
+        print(f"transfer-check ({s.axis}): {len(spec.variants)} variants x {len(s.values)} values x "
               f"{len(spec.lr_log2)} LRs x {s.seeds} seeds = {total} runs ({finished} already done), "
               f"{workers} worker(s)", file=sys.stderr)
     if tasks:
@@ -248,14 +352,15 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False) -> 
                     r = records[0]
                     elapsed = time.perf_counter() - start
                     print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs; finished "
-                          f"{r['parametrization']} width {r['width']} seed {r['seed']}", file=sys.stderr)
-    verdict = analyze(out)
-    if not quiet:
-        from analysis.transfer import format_verdict
+                          f"{r['variant']} {s.axis} {r['value']} seed {r['seed']}", file=sys.stderr)
+    verdict = judge(out, spec)
+    from analysis.transfer import draw
 
+    draw(out)
+    if not quiet:
         print(format_verdict(verdict), file=sys.stderr)
     errors = [r for r in read_runs(out) if r["status"] == "error"]
     if errors:
         print(f"{len(errors)} run(s) failed with an error, e.g. {errors[0]['reason']}", file=sys.stderr)
         return 1
-    return 0 if verdict.get("pass") else 1
+    return verdict["exit_status"]

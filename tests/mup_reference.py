@@ -4,11 +4,12 @@ Nothing here comes from mutransfer.parametrization's tables. The model is our ``
 modules, same parameter names) with
 
 - forward constants a mup user writes into the model: input multiplier ``alpha_in`` and residual
-  multiplier (width-free constants; the package has no depth rule), attention softmax scale
+  multiplier ``alpha_res / sqrt(L)`` (GPT-2 style; width-free constants -- the package has no depth
+  rule, so a mup user picks one for the depth at hand), attention softmax scale
   ``attn_mult / d_head`` with ``attn_mult = 1``, and the tied output layer replaced by mup's
   ``MuSharedReadout`` on the embedding matrix, which computes ``(output_mult * h / width_mult) E^T``;
 - base shapes from ``mup.set_base_shapes(model, base, delta=delta)`` with base and delta the same
-  architecture at widths 64 and 128, so mup infers which dimensions are "infinite";
+  architecture (same depth) at widths 64 and 128, so mup infers which dimensions are "infinite";
 - initialisation by ``mup.init`` (``normal_(std=sigma)`` on every matrix, ``ones_`` on the norm gains);
 - ``mup.MuAdamW(model.parameters(), lr=eta, weight_decay=lambda, eps=eps)``.
 """
@@ -24,15 +25,17 @@ from torch import nn
 from mutransfer.config import HParams, ModelConfig
 from mutransfer.model import Transformer
 from mutransfer.parametrization import ForwardMultipliers
-from mutransfer.presets import at_width, get_preset
+from mutransfer.presets import at_depth, at_width, get_preset
 
 TINY = get_preset("tiny").model
 BASE_WIDTH = 64  # mup's base model: the preset's d_base
 DELTA_WIDTH = 128  # mup's delta model: only tells mup which dimensions grow with width
 
 
-def config_at(width: int) -> ModelConfig:
-    return at_width(TINY, width)
+def config_at(width: int, depth: int | None = None) -> ModelConfig:
+    """The tiny preset at ``width`` (and ``depth`` blocks; default the preset's, 4)."""
+    cfg = at_width(TINY, width)
+    return cfg if depth is None else at_depth(cfg, depth)
 
 
 class MuTiedLogits(nn.Module):
@@ -51,7 +54,8 @@ def mup_user_multipliers(cfg: ModelConfig, hp: HParams) -> ForwardMultipliers:
     """The constants a mup user puts in the model; the 1/width on the logits is MuSharedReadout's job."""
     return ForwardMultipliers(
         embedding=hp.alpha_in,
-        residual=hp.alpha_res / math.sqrt(cfg.n_layers),
+        residual_attn=hp.alpha_res / math.sqrt(cfg.n_layers),
+        residual_ffn=hp.alpha_res / math.sqrt(cfg.n_layers),
         logits=1.0,
         attn_scale=1.0 / cfg.head_dim,  # attn_mult / d_head, attn_mult = 1
     )
@@ -65,11 +69,12 @@ def unshaped_model(cfg: ModelConfig, hp: HParams, device: str = "cpu") -> Transf
     return model
 
 
-def shaped_model(width: int, hp: HParams, rescale_params: bool = True) -> Transformer:
-    """The reference at ``width`` with mup's base shapes set (base 64, delta 128); weights not yet set."""
-    base = unshaped_model(config_at(BASE_WIDTH), hp, device="meta")
-    delta = unshaped_model(config_at(DELTA_WIDTH), hp, device="meta")
-    model = unshaped_model(config_at(width), hp)
+def shaped_model(width: int, hp: HParams, rescale_params: bool = True, depth: int | None = None) -> Transformer:
+    """The reference at ``width`` (and ``depth``) with mup's base shapes set (base 64, delta 128, same
+    depth: mup scales width only); weights not yet set."""
+    base = unshaped_model(config_at(BASE_WIDTH, depth), hp, device="meta")
+    delta = unshaped_model(config_at(DELTA_WIDTH, depth), hp, device="meta")
+    model = unshaped_model(config_at(width, depth), hp)
     mup.set_base_shapes(model, base, delta=delta, rescale_params=rescale_params)
     return model
 
@@ -86,9 +91,9 @@ def mup_init(model: nn.Module, sigma: float, seed: int) -> None:
                 mup.init.normal_(p, std=sigma)
 
 
-def reference_model(width: int, hp: HParams, seed: int) -> Transformer:
+def reference_model(width: int, hp: HParams, seed: int, depth: int | None = None) -> Transformer:
     """Shaped as mup wants, then initialised by mup (after set_base_shapes, which may rescale)."""
-    model = shaped_model(width, hp)
+    model = shaped_model(width, hp, depth=depth)
     mup_init(model, hp.init_std, seed)
     return model
 

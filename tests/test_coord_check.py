@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.coord import fit_slope, slope_passes
 from mutransfer.build import build_model
 from mutransfer.cli import main
 from mutransfer.config import HParams
 from mutransfer.coord import CoordConfig, record_training
 from mutransfer.data.builtin import builtin_dataset
+from proxy_sweeps.coord_verdict import fit_slope, slope_passes
 
 SMALL = ["--widths", "64,128,256,512", "--steps", "4", "--seeds", "2", "--threads", "1"]
 
@@ -39,6 +39,7 @@ def coord_check(out, *args) -> tuple[int, dict]:
     return rc, verdict
 
 
+@pytest.mark.slow
 def test_sp_fails_naming_the_output_logits_mup_passes_and_files_are_written(tmp_path):
     """One run, both parametrizations: --param sp exits 1 and names the growing output logits;
     its mup control (--compare) passes; every output file is written."""
@@ -62,6 +63,7 @@ def test_sp_fails_naming_the_output_logits_mup_passes_and_files_are_written(tmp_
     assert "--compare mup" in config["command"]
 
 
+@pytest.mark.slow
 def test_mup_muon_passes_and_the_recipes_muon_rule_shrinks_updates(tmp_path):
     """Muon with eta/sqrt(m) keeps dW x flat; the recipe's eta/m (xmodel) makes it shrink ~ 1/sqrt(width)."""
     rc, v = coord_check(tmp_path, "--widths", "64,128,256", "--steps", "4", "--seeds", "2", "--threads", "1",
@@ -77,6 +79,7 @@ def test_mup_muon_passes_and_the_recipes_muon_rule_shrinks_updates(tmp_path):
         assert max(abs(s) for s in flat) < 0.1, (kind, flat)
 
 
+@pytest.mark.slow
 def test_mup_passes_with_emulated_fp8(tmp_path):
     rc, v = coord_check(tmp_path, *SMALL, "--precision", "fp8-emulated")
     assert rc == 0, v.get("summary")
@@ -85,15 +88,18 @@ def test_mup_passes_with_emulated_fp8(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--widths", "64"], "at least two distinct widths"),
+    (["--widths", "64"], "need at least two distinct values"),
     (["--widths", "64,72"], "not divisible by head_dim"),
-    (["--steps", "0"], "--steps"),
-    (["--seeds", "0"], "--seeds"),
-    (["--lr", "-1"], "--lr"),
-    (["--precision", "fp16"], "--precision"),
+    (["--steps", "0"], "coord-check.steps"),
+    (["--seeds", "0"], "coord-check.seeds"),
+    (["--lr", "-1"], "coord-check.lr"),
+    (["--lr", "nan"], "coord-check.lr: input should be a finite number"),
+    (["--precision", "fp16"], "coord-check.precision"),
     (["--precision", "fp8-te"], "cannot run here"),
     (["--seq-len", "100000"], "max_seq_len"),
     (["--compare", "mup"], "--compare"),
+    (["--set", "seeds=x"], "coord-check.seeds"),
+    (["--set", "nosuch=1"], "coord-check.nosuch: unknown field"),
 ])
 def test_bad_input_exits_2_before_any_compute(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -122,7 +128,7 @@ def test_recorder_matches_mup_get_coord_data():
     """Same model, data, seed and optimizer: this tool's l1 per module and step equals mup's."""
     from mup.coord_check import get_coord_data
 
-    cfg = CoordConfig(widths=(64, 128), steps=3, seeds=1, batch_size=2, seq_len=32)
+    cfg = CoordConfig(widths=[64, 128], steps=3, seeds=1, batch_size=2, seq_len=32)
     shapes = {s.model.d_model: s for s in cfg.shapes()}
     hp = HParams()
     dataset = builtin_dataset()

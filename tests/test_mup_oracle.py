@@ -1,17 +1,17 @@
 """Oracle: our ``mup`` parametrization against microsoft's ``mup`` package (1.0.0), role by role.
 
 The same small transformer (tiny preset family, widths 64..512 so m = 1..8, base width d_base = 64,
-depth = base depth 4 so every depth factor is 1) is built twice: by ``mutransfer.build.build_model``
-with our table, and as a mup user would (tests/mup_reference.py: ``set_base_shapes`` with base width
-64 and delta width 128, ``mup.init``, ``MuSharedReadout``, ``MuAdamW``). m = d / 64 is our width
-multiplier; mup infers the same number as ``p.infshape.width_mult()`` (the fan-in ratio; for the
-FFN's w2 that is ffn / 160).
+depth = base depth 4 so every depth factor is 1; at depth 8 in "Depth" below) is built twice: by
+``mutransfer.build.build_model`` with our table, and as a mup user would (tests/mup_reference.py:
+``set_base_shapes`` with base width 64 and delta width 128, ``mup.init``, ``MuSharedReadout``,
+``MuAdamW``). m = d / 64 is our width multiplier; mup infers the same number as
+``p.infshape.width_mult()`` (the fan-in ratio; for the FFN's w2 that is ffn / 160).
 
 What agrees (exactly, rel 1e-12, and in real optimizer steps):
 - Classification: mup sees the hidden matrices (wq, wk, wv, wo, w1, w3, w2) as matrix-like (two
   infinite dims, width_mult = m) and the embedding (vocab finite x d infinite) and norm gains as
   vector-like; these are our HIDDEN_MATRIX_ROLES and the rest.
-- LR: hidden matrices eta/m, embedding (= tied readout) and norm gains eta.
+- LR: hidden matrices eta/m, embedding (= tied readout) and norm gains (block and final) eta.
 - Weight decay, hidden matrices and embedding: mup 1.0.0's MuAdamW always multiplies a matrix-like
   group's weight_decay by width_mult (this version has no ``decoupled_wd`` switch; later releases
   call this its default, decoupled_wd=False), which is our lambda*m, independent weight decay:
@@ -30,10 +30,12 @@ What agrees (exactly, rel 1e-12, and in real optimizer steps):
   the ``sp`` control uses 1/sqrt(d_head) = 1/4, the one place the two differ at the base shape.
 
 What differs on purpose (each tested as a difference):
-1. Adam eps: ours scales the hidden matrices' eps by 1/m (Everett et al. 2024, arXiv 2407.05872),
-   mup keeps one eps for every group. Same at m = 1; with gradients of size eps the first Adam
-   update of a hidden matrix is 2m/(m+1) times mup's.
-2. Norm gains: mup gives them (vector-like) the base weight decay lambda; ours gives them none.
+1. Adam eps: ours scales every AdamW group's eps by 1/m -- embedding, norm gains and hidden
+   matrices, whose gradients all shrink like 1/m (Everett et al. 2024, arXiv 2407.05872; measured in
+   tests/test_mup_rules.py) -- mup keeps one eps for every group. Same at m = 1; with gradients of
+   size eps the first Adam update of any parameter is 2m/(m+1) times mup's.
+2. Norm gains (block and final): mup gives them (vector-like) the base weight decay lambda; ours
+   gives them none.
 3. Tied readout: mup's answer for the readout is MuReadout (forward / width_mult, weight
    vector-like, optionally zero-initialised). We tie it to the embedding, so it cannot be
    zero-initialised, and it takes the embedding's init sigma. ``set_base_shapes`` (rescale_params=True,
@@ -41,11 +43,20 @@ What differs on purpose (each tested as a difference):
    fan-in readout init to muP; on a tied weight that would make the embedding's std grow like
    sqrt(m), so a mup user with tied weights must initialise after set_base_shapes (the reference
    does), and our init gives sigma directly.
+
+Depth. mup has width rules only, so at a depth L != L0 (L = 8, L0 = 4, a = 1/2 and 1, the reference
+built at the same depth) our settings divided by the documented depth factor must still be mup's
+width rule, and the depth factor must be exactly the documented one (docs/mup_table.md): LR
+(L/L0)^(a-1) inside the residual branches (hidden matrices, block norm gains), none for the embedding
+and the final norm; weight decay (L/L0)^(1-a) on the hidden matrices, so lr * wd -- the per-step
+decay, tested in a real step -- is mup's at every depth; eps (L0/L)^a inside the branches; init
+none. At a = 1/2 our branch multiplier alpha_res/sqrt(L0) * (L0/L)^(1/2) is the alpha_res/sqrt(L) a
+mup user writes, so the two models give the same logits; at a = 1 (CompleteP) ours is smaller by
+(L0/L)^(1/2), on purpose.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import mup
@@ -62,7 +73,7 @@ from mutransfer.parametrization import (
     resolve,
     role_of,
 )
-from mutransfer.presets import get_preset
+from mutransfer.presets import at_depth, get_preset
 from tests.mup_reference import (
     BASE_WIDTH,
     config_at,
@@ -81,6 +92,16 @@ PARAM = ParamConfig(parametrization="mup", d_base=BASE_WIDTH, depth_base=4)
 HP = HParams(lr=3e-3, init_std=0.05, weight_decay=0.1, alpha_out=2.5, adam_eps=1e-8)
 SEED = 1234
 REL = 1e-12
+NORM_ROLES = (Role.NORM_GAIN, Role.FINAL_NORM)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: the tensors are small and the CPU is shared (2 threads run these tests 3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def width_mult(width: int) -> float:
@@ -99,6 +120,10 @@ def our_optimizer(model: torch.nn.Module, width: int, hp: HParams = HP) -> torch
 
 def is_hidden(name: str) -> bool:
     return role_of(name) in HIDDEN_MATRIX_ROLES
+
+
+def is_norm(name: str) -> bool:
+    return role_of(name) in NORM_ROLES
 
 
 def both_settings(width: int, hp: HParams = HP) -> tuple[dict, dict]:
@@ -149,8 +174,7 @@ def test_weight_decay_agrees_except_norm_gains(width):
     ours, ref = both_settings(width)
     m = width_mult(width)
     for name in ours:
-        role = role_of(name)
-        if role == Role.NORM_GAIN:  # difference 2: mup decays them, we do not
+        if is_norm(name):  # difference 2: mup decays them, we do not
             assert ref[name]["weight_decay"] == pytest.approx(HP.weight_decay, rel=REL), name
             assert ours[name]["weight_decay"] == 0.0, name
             continue
@@ -175,7 +199,7 @@ def test_zero_gradient_step_decays_alike_except_norm_gains(width):
     shrink = 1.0 - HP.lr * HP.weight_decay  # width-free
     ref_params = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
-        if role_of(name) == Role.NORM_GAIN:  # difference 2
+        if is_norm(name):  # difference 2
             torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0)
             torch.testing.assert_close(ref_params[name].detach(), before[name] * shrink)
         else:
@@ -185,20 +209,20 @@ def test_zero_gradient_step_decays_alike_except_norm_gains(width):
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_adam_eps_differs_on_purpose(width):
-    """Difference 1: our hidden eps is eps/m, mup's is eps everywhere; other roles eps in both."""
+    """Difference 1: our eps is eps/m for every AdamW group (embedding, norm gains, hidden matrices),
+    mup's is eps everywhere."""
     ours, ref = both_settings(width)
     m = width_mult(width)
     for name in ours:
         assert ref[name]["eps"] == HP.adam_eps, name
-        expected = HP.adam_eps / m if is_hidden(name) else HP.adam_eps
-        assert ours[name]["eps"] == pytest.approx(expected, rel=REL), name
+        assert ours[name]["eps"] == pytest.approx(HP.adam_eps / m, rel=REL), name
 
 
 @pytest.mark.parametrize("width", STEP_WIDTHS)
 def test_adam_eps_difference_in_a_real_step(width):
     """With every gradient entry equal to eps, Adam's first update is lr * g / (|g| + eps_group):
-    lr/2 for mup, lr * m/(m+1) for our hidden matrices (ratio 2m/(m+1)); other roles identical."""
-    hp = dataclasses.replace(HP, weight_decay=0.0)
+    lr/2 for mup, lr * m/(m+1) for ours (ratio 2m/(m+1)), every role alike."""
+    hp = HP.model_copy(update={"weight_decay": 0.0})
     ours, ref = our_model(width, hp), reference_model(width, hp, SEED)
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
     for model, opt in ((ours, our_optimizer(ours, width, hp)), (ref, mup_optimizer(ref, hp))):
@@ -210,7 +234,7 @@ def test_adam_eps_difference_in_a_real_step(width):
     for name, p in ours.named_parameters():
         step_ours = (before[name] - p.detach()).double()
         step_ref = (before[name] - ref_params[name].detach()).double()
-        ratio = 2 * m / (m + 1) if is_hidden(name) else 1.0
+        ratio = 2 * m / (m + 1)
         lr = hp.lr / m if is_hidden(name) else hp.lr
         torch.testing.assert_close(step_ref, torch.full_like(step_ref, lr / 2), rtol=1e-4, atol=0)
         torch.testing.assert_close(step_ours, step_ref * ratio, rtol=1e-4, atol=0)
@@ -225,7 +249,7 @@ def test_init_agrees(width):
     for name, p in ours.named_parameters():
         q = ref_params[name].detach()
         std = resolve(name, cfg, PARAM, HP, "adamw").init_std
-        if role_of(name) == Role.NORM_GAIN:
+        if is_norm(name):
             assert std is None
             assert torch.equal(p.detach(), torch.ones_like(p)) and torch.equal(q, torch.ones_like(q))
             continue
@@ -250,7 +274,8 @@ def test_tied_logits_multiplier_matches_mu_shared_readout(width):
     assert ours.output.factor == pytest.approx(mult.logits, rel=REL)
     # the width-free forward constants are the same numbers as the mup user's
     assert mult.embedding == ours.embed_scale.factor == ref.embed_scale.factor == HP.alpha_in
-    assert mult.residual == pytest.approx(ref.layers[0].residual, rel=REL)
+    assert mult.residual_attn == pytest.approx(ref.layers[0].residual_attn, rel=REL)
+    assert mult.residual_ffn == pytest.approx(ref.layers[0].residual_ffn, rel=REL)
     # same weights in, same logits out
     with torch.no_grad():
         ref_params = dict(ref.named_parameters())
@@ -292,3 +317,141 @@ def test_attention_scale_is_one_over_head_dim(width):
     assert all(block.attention.attn_scale == 1.0 / 16 for block in model.layers)
     sp = forward_multipliers(cfg, ParamConfig(parametrization="sp", d_base=BASE_WIDTH, depth_base=4), HP)
     assert sp.attn_scale == 1.0 / 4
+
+
+# --- Depth: L = 8 against L0 = 4, where mup (width rules only) has nothing to say about depth ----------
+
+DEPTH = 8
+DEPTH_WIDTHS = [64, 192]  # m = 1 (the depth factor alone) and m = 3
+ALPHAS = [0.5, 1.0]  # Depth-muP, CompleteP
+
+
+def depth_param(alpha: float) -> ParamConfig:
+    return ParamConfig(parametrization="mup", d_base=BASE_WIDTH, depth_base=4, depth_alpha=alpha)
+
+
+def documented_depth_factors(name: str, depth: int, alpha: float) -> dict[str, float]:
+    """docs/mup_table.md: the factors depth adds on top of the width rule, r = L/L0."""
+    role, r = role_of(name), depth / 4
+    inside = role in HIDDEN_MATRIX_ROLES or role == Role.NORM_GAIN  # inside a residual branch
+    return {"lr": r ** (alpha - 1) if inside else 1.0,
+            "weight_decay": r ** (1 - alpha) if role in HIDDEN_MATRIX_ROLES else 1.0,
+            "eps": r**-alpha if inside else 1.0,
+            "init_std": 1.0}
+
+
+def our_deep_model(width: int, alpha: float, hp: HParams = HP) -> torch.nn.Module:
+    return build_model(RunShape(model=config_at(width, DEPTH), param=depth_param(alpha)), hp, seed=SEED)
+
+
+def our_deep_optimizer(model, width: int, alpha: float, hp: HParams = HP) -> torch.optim.AdamW:
+    groups = param_groups(model, config_at(width, DEPTH), depth_param(alpha), hp, "adamw")
+    return torch.optim.AdamW(groups["adamw"], lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2))
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("width", DEPTH_WIDTHS)
+def test_at_depth_our_width_part_is_mups_width_rule(width, alpha):
+    """At L = 8: ours / documented depth factor = mup's (LR, weight decay), read from the real optimizers;
+    eps keeps difference 1 (ours eps/m after the depth factor) and the norm gains difference 2."""
+    ours_model, ref_model = our_deep_model(width, alpha), reference_model(width, HP, SEED, depth=DEPTH)
+    ours = settings_by_name(our_deep_optimizer(ours_model, width, alpha), ours_model)
+    ref = settings_by_name(mup_optimizer(ref_model, HP), ref_model)
+    m = width_mult(width)
+    assert len(ours) == len(ref) == 1 + 7 * DEPTH + 2 * DEPTH + 1
+    for name in ours:
+        f = documented_depth_factors(name, DEPTH, alpha)
+        assert ours[name]["lr"] / f["lr"] == pytest.approx(ref[name]["lr"], rel=REL), name
+        if is_norm(name):  # difference 2
+            assert ours[name]["weight_decay"] == 0.0 and ref[name]["weight_decay"] == HP.weight_decay, name
+        else:
+            assert ours[name]["weight_decay"] / f["weight_decay"] == pytest.approx(ref[name]["weight_decay"],
+                                                                                  rel=REL), name
+            # lr * wd, the per-step decay 1/tau, is mup's at every depth: the depth factors cancel
+            assert (ours[name]["lr"] * ours[name]["weight_decay"]
+                    == pytest.approx(ref[name]["lr"] * ref[name]["weight_decay"], rel=REL)), name
+        assert ref[name]["eps"] == HP.adam_eps, name  # difference 1: ours is eps/m after the depth factor
+        assert ours[name]["eps"] / f["eps"] == pytest.approx(HP.adam_eps / m, rel=REL), name
+
+
+@pytest.mark.parametrize("alpha", [*ALPHAS, 0.75])
+@pytest.mark.parametrize("width", DEPTH_WIDTHS)
+def test_depth_factor_is_exactly_the_documented_one(width, alpha):
+    """Ours at L = 8 over ours at L = L0 = 4, same width: the documented factor, for every parameter."""
+    shallow, deep, param = config_at(width), config_at(width, DEPTH), depth_param(alpha)
+    names = [n for n, _ in build_model(RunShape(model=deep, param=param), HP, device="meta").named_parameters()]
+    for optimizer in ("adamw", "muon"):
+        for name in names:
+            a, b = resolve(name, shallow, param, HP, optimizer), resolve(name, deep, param, HP, optimizer)
+            f = documented_depth_factors(name, DEPTH, alpha)
+            assert b.lr / a.lr == pytest.approx(f["lr"], rel=REL), (optimizer, name)
+            if a.weight_decay:
+                assert b.weight_decay / a.weight_decay == pytest.approx(f["weight_decay"], rel=REL), name
+            else:
+                assert b.weight_decay == 0.0, name
+            if b.optimizer == "adamw":
+                assert b.eps / a.eps == pytest.approx(f["eps"], rel=REL), (optimizer, name)
+            assert b.init_std == a.init_std, name  # init has no depth factor (None for the gains)
+    ratio = forward_multipliers(deep, param, HP).residual_attn / forward_multipliers(shallow, param, HP).residual_attn
+    assert ratio == pytest.approx((4 / DEPTH) ** alpha, rel=REL)  # branch multiplier (L0/L)^a
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_at_depth_real_steps_differ_from_mup_by_the_depth_factor_only(alpha):
+    """Width 128, L = 8, real AdamW steps. Zero gradients: every decayed parameter shrinks by
+    1 - eta * lambda in both (norm gains: difference 2). A constant gradient far above eps: Adam's first
+    step is about lr, so ours / mup's is the documented LR depth factor."""
+    width = 128
+    ours, ref = our_deep_model(width, alpha), reference_model(width, HP, SEED, depth=DEPTH)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    for model, opt in ((ours, our_deep_optimizer(ours, width, alpha)), (ref, mup_optimizer(ref, HP))):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if is_norm(name):
+            torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(p.detach(), before[name] * (1.0 - HP.lr * HP.weight_decay))
+            torch.testing.assert_close(ref_params[name].detach(), p.detach())
+
+    hp = HP.model_copy(update={"weight_decay": 0.0})
+    ours, ref = our_deep_model(width, alpha, hp), reference_model(width, hp, SEED, depth=DEPTH)
+    for model, opt in ((ours, our_deep_optimizer(ours, width, alpha, hp)), (ref, mup_optimizer(ref, hp))):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)  # 1e5 x eps: the step is lr to 1e-5
+        opt.step()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        step_ours = (before[name] - p.detach()).double()
+        step_ref = (before[name] - ref_params[name].detach()).double()
+        f = documented_depth_factors(name, DEPTH, alpha)["lr"]
+        torch.testing.assert_close(step_ours, step_ref * f, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_at_depth_init_agrees_and_at_a_half_so_do_the_logits(alpha):
+    """Init has no depth factor: seeded alike, the same tensors at L = 8. At a = 1/2 our branch
+    multiplier is the mup user's alpha_res/sqrt(L), and the same weights give the same logits; at
+    a = 1 ours is (L0/L)^(1/2) = 1/sqrt(2) of it (CompleteP's 1/L scaling, on purpose)."""
+    width = 128
+    cfg = config_at(width, DEPTH)
+    ours, ref = our_deep_model(width, alpha), reference_model(width, HP, SEED, depth=DEPTH)
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.detach(), ref_params[name].detach(), rtol=1e-6, atol=0)
+    mult = forward_multipliers(cfg, depth_param(alpha), HP)
+    user = ref.layers[0].residual_attn
+    assert user == pytest.approx(HP.alpha_res / math.sqrt(DEPTH), rel=REL)
+    assert mult.residual_attn == pytest.approx(user * (4 / DEPTH) ** (alpha - 0.5), rel=REL)
+    assert all(block.residual_attn == mult.residual_attn for block in ours.layers)
+    if alpha == 0.5:
+        tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(tokens), ref(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_depth_config_is_the_tiny_preset_at_depth():
+    assert config_at(128, DEPTH) == at_depth(config_at(128), DEPTH)
+    assert config_at(128, DEPTH).n_layers == DEPTH and get_preset("tiny").param.depth_base == 4

@@ -2,15 +2,21 @@
 them, and the page loaded in a real headless browser (Debian's chromium).
 
 The runs are the real commands with tiny budgets (a 2-width coordinate check with its SP control,
-a 4-trial sweep and its freeze, a 2-width transfer check, the smoke training run), started side by
-side so the fixture costs about as long as the slowest of them.
+a 4-trial sweep and its freeze, a 2-width transfer check with 2 seeds, the smoke training run),
+started side by side so the fixture costs about as long as the slowest of them. A batch-size
+transfer check (the axis with a fitted law and a critical batch) is the real command judging a
+runs.jsonl written here: it finds every run done and trains nothing.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
+import math
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +28,10 @@ import pytest
 from PIL import Image
 
 from analysis.report import SECTIONS, write_report
+from analysis.report_hparams import content_hash
 from analysis.training import read_events, read_metrics, stage_spans, switch_step
 from mutransfer.cli import main
+from mutransfer.lockfile import content_hash as lockfile_content_hash
 
 pytestmark = pytest.mark.slow
 
@@ -75,12 +83,13 @@ log = true
 
 TRANSFER_TOML = """
 [transfer]
-widths = [32, 64]
+axis = "width"
+values = [32, 64]
 parametrizations = ["mup", "sp"]
 lr_log2_low = -8
 lr_log2_high = -4
 lr_log2_step = 2.0
-seeds = 1
+seeds = 2
 last_evals = 1
 
 [model]
@@ -98,6 +107,48 @@ eval_every = 2
 eval_batches = 1
 eval_batch_size = 4
 """
+
+
+BATCH_TOML = """
+[transfer]
+axis = "batch_size"
+values = [8, 16, 32, 64]
+tokens = 8192
+parametrizations = ["mup"]
+lr_log2_low = -10
+lr_log2_high = -2
+seeds = 3
+warmup_fraction = 0.1
+
+[model]
+preset = "tiny"
+
+[data]
+spec = "builtin"
+
+[train]
+batch_size = 8
+seq_len = 32
+eval_batches = 2
+"""
+
+
+def write_batch_runs(out: Path) -> None:
+    """Every run of BATCH_TOML, as transfer-check records them: a parabola in log2 LR whose vertex
+    rises half an octave per batch doubling up to 32 and then stops (64 is past the critical batch),
+    plus seed and evaluation-batch noise."""
+    rng = random.Random(0)
+    out.mkdir()
+    with (out / "runs.jsonl").open("w") as f:
+        for value in (8, 16, 32, 64):
+            best = -7 + 0.5 * math.log2(min(value, 32) / 8)
+            for seed in range(3):
+                offset = rng.gauss(0, 0.01)
+                for lr_log2 in range(-10, -1):
+                    val = [3 + 0.05 * (lr_log2 - best) ** 2 + offset + rng.gauss(0, 0.003) for _ in range(2)]
+                    f.write(json.dumps({"variant": "mup", "parametrization": "mup", "axis": "batch_size",
+                                        "value": value, "lr_log2": float(lr_log2), "lr": 2.0**lr_log2, "seed": seed,
+                                        "status": "ok", "loss": sum(val) / len(val), "val_batches": val}) + "\n")
 
 
 def _mutransfer(*args: str) -> list[str]:
@@ -121,6 +172,8 @@ def runs(tmp_path_factory) -> Path:
     build = tmp_path_factory.mktemp("build")
     (build / "sweep.toml").write_text(textwrap.dedent(SWEEP_TOML))
     (build / "transfer.toml").write_text(textwrap.dedent(TRANSFER_TOML))
+    (build / "batch.toml").write_text(textwrap.dedent(BATCH_TOML))
+    write_batch_runs(build / "batch")
     jobs = {
         # a check that fails (SP) is exit status 1; at 2 widths and 2 steps muP may fail too
         "coord": (_mutransfer("coord-check", "tiny", "--widths", "64,128", "--steps", "2", "--seeds", "1",
@@ -129,7 +182,9 @@ def runs(tmp_path_factory) -> Path:
         # a 2x width span fails the transfer verdict's 8x minimum: exit status 1
         # (2 workers: one thread each, which oversubscribes a busy 2-core machine less than one with two)
         "transfer": (_mutransfer("transfer-check", "transfer.toml", "--out", "transfer", "--quiet", "--workers", "2"),
-                     (0, 1)),
+                     (1,)),
+        # the law fitted below 64 misses the optimum at 64 by half an octave: exit status 1
+        "batch": (_mutransfer("transfer-check", "batch.toml", "--out", "batch", "--quiet"), (1,)),
         # a peak FLOP/s for the CPU so that MFU is logged and drawn
         "train": (_mutransfer("train", str(ROOT / "full_scale" / "smoke.toml"), "--out", "train", "--quiet",
                               "--set", "metrics.peak_flops=1e11"), (0,)),
@@ -202,8 +257,8 @@ def decode_png(src: str) -> Image.Image:
 @pytest.fixture(scope="module")
 def report(runs) -> Path:
     """The real command, run from the moved copy with relative paths."""
-    out = subprocess.run(_mutransfer("report", "coord", "sweep", "sweep/hparams.lock.json", "transfer", "train",
-                                     "--out", "out/report.html"),
+    out = subprocess.run(_mutransfer("report", "coord", "sweep", "sweep/hparams.lock.json", "transfer", "batch",
+                                     "train", "--out", "out/report.html"),
                          cwd=runs, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
@@ -216,8 +271,8 @@ def test_report_writes_html_and_markdown_with_every_section_and_image(report):
     assert list(page.sections) == SECTION_IDS
     assert page.external == []  # self-contained: nothing fetched
     images = [img for imgs in page.sections.values() for img in imgs]
-    # coord.png, transfer.png, three sweep plots, the training figure
-    assert len(images) == 6
+    # coord.png, two transfer.png, three sweep plots, the training figure
+    assert len(images) == 7
     for img in images:
         decode_png(img["src"])
     for sid in ("coord-check", "transfer-check", "sweep", "training"):
@@ -225,7 +280,18 @@ def test_report_writes_html_and_markdown_with_every_section_and_image(report):
         assert "among the inputs" not in page.section_text[sid]
     text = page.section_text
     assert "FAIL" in text["coord-check"] and "dWx.output" in text["coord-check"]  # the SP control fails
-    assert "shift (octaves)" in text["transfer-check"] and "2^-" in text["transfer-check"]
+    transfer = text["transfer-check"]
+    # each optimum with its interval (2 seeds), drift and shift with theirs; the 2x span fails the 8x minimum
+    assert re.search(r"2\^-\d+\.\d\d \[-\d+\.\d\d, -\d+\.\d\d\]", transfer), transfer
+    assert "drift (octaves)" in transfer and "shift (octaves)" in transfer and "sp (control)" in transfer
+    assert re.search(r"\+\d+\.\d\d \[[+-]\d+\.\d\d, \+\d+\.\d\d\]", transfer)  # a shift, in octaves
+    assert "Transfer verdict (width): FAIL" in transfer and "below the 8x" in transfer
+    # the batch axis: the law, its prediction and residual, the naive rule and the critical batch
+    assert "Transfer verdict (batch_size): FAIL" in transfer
+    for row in ("beta (log2 LR* = a - beta log2 batch_size)", "predicted optimum at batch_size 64",
+                "residual, measured - predicted", "error of keeping the proxy's LR (batch_size 8) at 64",
+                "Critical batch: the law fitted below 64 fails to predict 64"):
+        assert row in transfer, row
     assert "importance" in text["sweep"] and "Best: trial" in text["sweep"]
     assert "matches the contents" in text["frozen-hparams"] and "trial_number" in text["frozen-hparams"]
     assert "AdamW -> Muon at step 32" in text["training"]
@@ -282,7 +348,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     page = parse(out.stdout)
     assert list(page.sections) == SECTION_IDS, out.stderr[-3000:]
     images = [img for imgs in page.sections.values() for img in imgs]
-    assert len(images) == int(page.body["data-images"]) == 6
+    assert len(images) == int(page.body["data-images"]) == 7
     # set by each image's onload handler from naturalWidth, and by the page's load handler
     assert [img.get("data-loaded") for img in images] == ["yes"] * len(images)
     assert page.body.get("data-images-loaded") == f"{len(images)}/{len(images)}"
@@ -296,6 +362,7 @@ def _corrupt_copy(runs: Path, dest: Path) -> Path:
     (dest / "sweep" / "trials.parquet").unlink()
     (dest / "sweep" / "importances.json").write_text("garbage")
     (dest / "transfer" / "verdict.json").write_text("[]")
+    (dest / "batch" / "verdict.json").write_text('{"widths": [32, 64], "parametrizations": {}, "pass": false}')
     (dest / "train" / "summary.json").unlink()
     with (dest / "train" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 999, "loss": ')  # a writer killed mid-line
@@ -306,7 +373,7 @@ def _corrupt_copy(runs: Path, dest: Path) -> Path:
 def test_missing_and_corrupt_files_become_notes_in_their_sections(runs, tmp_path, monkeypatch):
     root = _corrupt_copy(runs, tmp_path / "copy")
     monkeypatch.chdir(root)
-    result = write_report(["coord", "sweep", "transfer", "train", "bad.lock.json"], "r.html")
+    result = write_report(["coord", "sweep", "transfer", "batch", "train", "bad.lock.json"], "r.html")
     page = parse(Path("r.html").read_text())
     assert list(page.sections) == SECTION_IDS
     text = page.section_text
@@ -315,11 +382,12 @@ def test_missing_and_corrupt_files_become_notes_in_their_sections(runs, tmp_path
     assert "sweep: trials.parquet is missing" in text["sweep"]
     assert "sweep: importances.json is not readable JSON" in text["sweep"]
     assert "transfer: verdict.json does not hold a JSON object" in text["transfer-check"]
+    assert "batch: verdict.json has no per-variant optima (written by an older" in text["transfer-check"]
     assert "train: no summary.json" in text["training"]
     assert "bad.lock.json: not readable JSON" in text["frozen-hparams"]
-    assert len(result["notes"]) == 7
+    assert len(result["notes"]) == 8
     images = [img for imgs in page.sections.values() for img in imgs]
-    assert len(images) == 5  # everything but the truncated coord.png
+    assert len(images) == 6  # everything but the truncated coord.png
     for img in images:
         decode_png(img["src"])
     assert Path("r.md").is_file()
@@ -340,5 +408,30 @@ def test_not_a_run_directory_is_exit_2_naming_the_path(runs, tmp_path, capsys):
 def test_a_parent_directory_stands_for_its_run_directories(runs, tmp_path):
     result = write_report([str(runs)], tmp_path / "r.html")
     kinds = {Path(label).name: k for label, k in result["runs"]}
-    assert kinds == {"coord": ["coord"], "sweep": ["sweep", "lock"], "transfer": ["transfer"],
+    assert kinds == {"coord": ["coord"], "sweep": ["sweep", "lock"], "transfer": ["transfer"], "batch": ["transfer"],
                      "train": ["training"]}
+
+
+def test_set_changes_report_options_and_names_an_unknown_key(runs, tmp_path, capsys):
+    lock = str(runs / "sweep" / "hparams.lock.json")
+    out = tmp_path / "r.html"
+    assert main(["report", lock, "--out", str(out), "--set", 'title="Frozen values"', "--set", "max_trial_rows=3"]) == 0
+    assert "<title>Frozen values</title>" in out.read_text()
+    assert out.with_suffix(".md").read_text().startswith("# Frozen values\n")
+    capsys.readouterr()
+    for bad, named in (("colour=red", "unknown report option 'colour'; allowed: title, max_trial_rows"),
+                       ("max_trial_rows=many", "--set max_trial_rows=many: expected a positive whole number")):
+        assert main(["report", lock, "--out", str(tmp_path / "x.html"), "--set", bad]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_lock_hash_is_checked_without_mutransfer(runs, tmp_path):
+    obj = json.loads((runs / "sweep" / "hparams.lock.json").read_text())
+    body = {k: v for k, v in obj.items() if k != "content_hash"}
+    assert content_hash(body) == lockfile_content_hash(body) == obj["content_hash"]
+    edited = tmp_path / "edited.lock.json"
+    edited.write_text(json.dumps({**obj, "hparams": {**obj["hparams"], "lr": 1.0}}))
+    write_report([str(edited)], tmp_path / "r.html")
+    text = parse((tmp_path / "r.html").read_text()).section_text["frozen-hparams"]
+    assert "DOES NOT match the contents" in text

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from full_scale.config import apply_override, load_run_config
-from mutransfer.config import ConfigError, HParams, load_toml
+from full_scale.config import TOP_LEVEL, load_run_config
+from mutransfer.config import ConfigError, HParams, apply_override, load_toml
 from mutransfer.plan import resolve_target
 from mutransfer.stages import describe_stages, format_stages, parse_stages
 
@@ -32,7 +32,8 @@ def test_smoke_stages_parse():
     assert long.phase_at(long.start_step + 4)[0] == 1
     # the long-context start continues from the decay's end; end_lr is absolute on the hidden peak
     assert long.lr_start == plan.stages[3].lr_end == 0.0625
-    assert long.lr_end == pytest.approx(1e-5 / plan.hidden_peak_lr)
+    assert long.lr_end_abs == 1e-5  # absolute: every group (embedding included) ends at 1e-5
+    assert long.segment().end_factor(plan.hidden_peak_lr) == pytest.approx(1e-5 / plan.hidden_peak_lr)
     assert [round(m.weight, 3) for m in plan.stages[3].mixture] == [0.331, 0.669]
     assert plan.stages[0].phases[0].accumulation(2) == 1 and plan.stages[2].phases[0].accumulation(1) == 4
 
@@ -48,10 +49,13 @@ def test_switch_off_is_adamw_everywhere():
     (lambda r: r["stages"][2].update(global_batch=18), r"stages\[2\] \(stable2\).*global_batch = 18.*micro_batch = 4"),
     (lambda r: r["stages"][0].update(seq_len=4096), r"stages\[0\] \(warmup\).seq_len = 4096 exceeds"),
     (lambda r: r["stages"][3]["lr"].update(end_lr=1e-4), r"stages\[3\] \(decay\).lr: give end .* not both"),
-    (lambda r: r["stages"][1].update(batch=3), r"stages\[1\]: unknown field\(s\) \['batch'\]"),
+    (lambda r: r["stages"][1].update(batch=3), r"stages\[1\] \(stable1\).batch: unknown field"),
+    (lambda r: r["stages"][1].update(steps=float("nan")), r"stages\[1\] \(stable1\).steps: input should be"),
+    (lambda r: r["stages"][3]["lr"].update(end=float("inf")), r"\(decay\).lr.end: input should be a finite"),
+    (lambda r: r["stages"][3]["lr"].update(end=-1.0), r"stages\[3\] \(decay\).lr.end: input should be greater"),
     (lambda r: r["optimizer"].update(switch_stage="cooldown"), r"optimizer.switch_stage = 'cooldown'"),
     (lambda r: r["stages"][4]["phases"][1].pop("steps"), r"long_context\).phases\[1\].steps is missing"),
-    (lambda r: r["stages"][3]["mixture"][1].update(weight=0), r"mixture\[1\].weight = 0"),
+    (lambda r: r["stages"][3]["mixture"][1].update(weight=0), r"mixture\[1\].weight: input should be greater than 0"),
 ])
 def test_bad_stages_name_the_field(edit, match):
     shape, raw = smoke()
@@ -81,7 +85,7 @@ def test_overrides_address_stages_by_name_or_index():
     with pytest.raises(ConfigError, match="names no entry"):
         apply_override(raw, "stages.cooldown.steps=5")
     with pytest.raises(ConfigError, match="unknown table"):
-        apply_override(raw, "optimiser.switch=false")
+        apply_override(raw, "optimiser.switch=false", TOP_LEVEL)
 
 
 def test_run_config_checks_the_lock(tmp_path):

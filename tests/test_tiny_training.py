@@ -3,12 +3,13 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from mutransfer.config import HParams
+from mutransfer.config import HParams, ProxyTrain
 from mutransfer.data.builtin import builtin_dataset
 from mutransfer.presets import get_preset
-from mutransfer.training import TrainConfig, train_proxy
+from mutransfer.training import train_proxy
 
 
 def unigram_entropy_nats(dataset) -> float:
@@ -18,12 +19,13 @@ def unigram_entropy_nats(dataset) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.mark.slow
 def test_tiny_learns_below_unigram_entropy(tmp_path):
     torch.manual_seed(0)
     dataset = builtin_dataset("byte", cache_dir=tmp_path)
     h_unigram = unigram_entropy_nats(dataset)
     assert 3.0 < h_unigram < 3.5  # English bytes: about 3.3 nats
-    tc = TrainConfig(steps=300, batch_size=16, seq_len=128, warmup=30, decay=60, eval_every=100)
+    tc = ProxyTrain(steps=300, batch_size=16, seq_len=128, warmup=30, decay=60, eval_every=100)
     hp = HParams(lr=0.01, init_std=0.1, alpha_in=4.0, alpha_out=1.0, alpha_res=1.4)
     result = train_proxy(get_preset("tiny"), hp, tc, dataset)
     first, last = result.val_losses[0][1], result.val_losses[-1][1]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Annotated
 
-from mutransfer.config import ConfigError
+from pydantic import Field
+
+from mutransfer.config import Config, ConfigError, PosInt, apply_overrides, parse
 
 DEFAULT_SHARD_TOKENS = 2**24  # as in mutransfer.data.prepare, which this module imports only when run
 
@@ -29,6 +32,8 @@ def register(subparsers) -> None:
     prepare.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default 'text')")
     prepare.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                          help="tokens per shard file (default 2**24)")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="set an option by name, e.g. val_fraction=0.01 (repeatable)")
     prepare.add_argument("--quiet", action="store_true", help="no progress output")
     prepare.set_defaults(func=_prepare)
 
@@ -37,12 +42,24 @@ def register(subparsers) -> None:
     info.set_defaults(func=_info)
 
 
+class PrepareOptions(Config):
+    """``mutransfer data prepare`` options (flags, or ``--set``)."""
+
+    tokenizer: str
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.005
+    text_field: str = "text"
+    shard_tokens: PosInt = DEFAULT_SHARD_TOKENS
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from mutransfer.data.prepare import prepare_dataset
 
     try:
-        out = prepare_dataset(args.files, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                              text_field=args.text_field, shard_tokens=args.shard_tokens,
+        raw = {"tokenizer": args.tokenizer, "val_fraction": args.val_fraction, "text_field": args.text_field,
+               "shard_tokens": args.shard_tokens}
+        opts = parse(PrepareOptions, apply_overrides(raw, args.overrides), "data prepare")
+        out = prepare_dataset(args.files, opts.tokenizer, args.out, val_fraction=opts.val_fraction,
+                              text_field=opts.text_field, shard_tokens=opts.shard_tokens,
                               progress=not args.quiet)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -77,11 +77,48 @@ def describe_sources(files) -> list[dict]:
         path = Path(f).expanduser()
         if not path.is_file():
             raise ConfigError(f"data file {str(f)!r} does not exist (or is not a file)")
-        sources.append({"path": str(path.resolve()), "name": path.name, "kind": input_kind(path),
+        kind = input_kind(path)
+        check_readable(path, kind)
+        sources.append({"path": str(path.resolve()), "name": path.name, "kind": kind,
                         "size": path.stat().st_size, "sha256": sha256_file(path)})
     if not sources:
         raise ConfigError("data: no input files given")
     return sources
+
+
+SAMPLE_BYTES = 1 << 20  # how much of each input is checked before any tokenizing
+MAX_REPLACEMENT_FRACTION = 0.01  # undecodable bytes tolerated in a text file's sample
+
+
+def check_readable(path: Path, kind: str) -> None:
+    """Fail before any compute when an input is not what its name says: a gzip that is not, a
+    Parquet file that pyarrow cannot open, or a "text" file that is binary (NUL bytes, or more
+    than 1 % of its sample not UTF-8)."""
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"data file {str(path)!r} is not a readable Parquet file: {e}") from e
+        return
+    try:
+        with open(path, "rb") as raw:
+            stream = gzip.GzipFile(fileobj=raw) if path.suffix.lower() == ".gz" else raw
+            sample = stream.read(SAMPLE_BYTES)
+    except (gzip.BadGzipFile, EOFError, OSError) as e:
+        raise ConfigError(f"data file {str(path)!r} cannot be read as {'gzip' if path.suffix == '.gz' else kind}: "
+                          f"{e}") from e
+    if b"\x00" in sample:
+        raise ConfigError(f"data file {str(path)!r} contains NUL bytes: it is binary, not {kind} text")
+    text = sample.decode("utf-8", errors="replace")
+    if len(sample) == SAMPLE_BYTES:  # a cut may split the last character
+        text = text[:-1]
+    bad = text.count("\ufffd")
+    if text and bad / len(text) > MAX_REPLACEMENT_FRACTION:
+        raise ConfigError(f"data file {str(path)!r} is not UTF-8 text ({bad} of the first {len(text)} characters "
+                          "do not decode)")
 
 
 def dataset_fingerprint(sources: list[dict], tokenizer_fingerprint: str, settings: dict) -> str:
@@ -113,9 +150,11 @@ def _open_text(raw, path: Path):
     return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
 
 
-def _txt_documents(text) -> Iterator[str]:
+def _txt_documents(text, path: Path) -> Iterator[str]:
     lines: list[str] = []
     for line in text:
+        if "\x00" in line:
+            raise ConfigError(f"data file {str(path)!r} contains NUL bytes: it is binary, not text")
         if _BLANK_LINE.fullmatch(line):
             if lines:
                 yield "".join(lines).rstrip("\n")
@@ -176,7 +215,7 @@ def _file_documents(source: dict, text_field: str, bar) -> Iterator[str]:
     path = Path(source["path"])
     with open(path, "rb") as raw:
         text = _open_text(raw, path)
-        docs = _txt_documents(text) if source["kind"] == "txt" else _jsonl_documents(text, path, text_field)
+        docs = _txt_documents(text, path) if source["kind"] == "txt" else _jsonl_documents(text, path, text_field)
         done = 0
         for doc in docs:
             yield doc

@@ -20,16 +20,15 @@ import contextlib
 import torch
 from torch import nn
 
-from mutransfer.config import ConfigError, ModelConfig
+from mutransfer.config import PRECISIONS, ConfigError, ModelConfig
 from mutransfer.precision import fp8_emulated, fp8_te, fp8_torchao
 from mutransfer.precision.fp8_emulated import DelayedScalingConfig, Fp8EmulatedLinear
 
-PRECISIONS = ("fp32", "bf16", "fp8-emulated", "fp8-te", "fp8-torchao")
 FP8_PRECISIONS = ("fp8-emulated", "fp8-te", "fp8-torchao")
 FP8_DIM_MULTIPLE = 16  # FP8 GEMMs need dimensions divisible by 16 (RECIPE section 5)
 
 __all__ = ["PRECISIONS", "FP8_PRECISIONS", "DelayedScalingConfig", "Fp8EmulatedLinear", "autocast",
-           "available", "check_dims", "prepare_model"]
+           "available", "check_checkpointing", "check_dims", "prepare_model", "recompute_backend"]
 
 
 def _check(precision: str) -> None:
@@ -70,6 +69,20 @@ def _check_linear_dims(model: nn.Module, precision: str) -> None:
                           f"{FP8_DIM_MULTIPLE} (FP8 GEMMs need dimensions divisible by {FP8_DIM_MULTIPLE})")
 
 
+def check_checkpointing(precision: str, policy: str, where: str = "train.activation_checkpointing") -> None:
+    """Transformer Engine's FP8 state survives only its own checkpoint (full recomputation): a
+    selective policy, which needs torch's selective checkpointing, is refused with fp8-te."""
+    if precision == "fp8-te" and policy == "selective":
+        raise ConfigError(f"{where} = 'selective' is not supported with precision 'fp8-te': Transformer "
+                          "Engine's FP8 state survives only its own checkpoint, which recomputes whole blocks; "
+                          "use 'full' or 'none' (or precision 'fp8-torchao' / 'bf16' for 'selective')")
+
+
+def recompute_backend(precision: str) -> str:
+    """Whose checkpoint recomputes a block: Transformer Engine's for fp8-te, torch's otherwise."""
+    return "te" if precision == "fp8-te" else "torch"
+
+
 def prepare_model(model: nn.Module, precision: str) -> nn.Module:
     """Put the backend's linear in place of every ``nn.Linear``; names kept. fp32/bf16: no-op.
 
@@ -87,7 +100,7 @@ def prepare_model(model: nn.Module, precision: str) -> nn.Module:
     return fp8_torchao.prepare(model)
 
 
-def autocast(precision: str, device_type: str):
+def autocast(precision: str, device_type: str, first_microbatch: bool | None = None):
     """The context for the forward pass (the loss included; backward may run outside it).
 
     ``fp8-emulated`` uses bf16 autocast like TE: the emulated linear turns autocast off for its
@@ -97,5 +110,5 @@ def autocast(precision: str, device_type: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp8-te":
-        return fp8_te.autocast(device_type)
+        return fp8_te.autocast(device_type, first_microbatch=first_microbatch)
     return torch.autocast(device_type, dtype=torch.bfloat16)

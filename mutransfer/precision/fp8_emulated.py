@@ -21,8 +21,17 @@ Decisions, where TE leaves room or the emulation has to choose:
   Evaluation (``model.eval()`` or ``torch.no_grad()``) uses the current scales and leaves the
   history alone, so interleaved evaluation does not change training. Each micro-batch counts
   as a step (TE reduces amaxes per ``fp8_autocast`` region; the difference is a shorter
-  effective window under gradient accumulation), and so does the recomputed forward of
-  activation checkpointing.
+  effective window under gradient accumulation).
+- Activation checkpointing. The forward that backward recomputes is not a step: inside
+  ``activation_recompute()`` (entered by the model's checkpointing around each recomputation) a
+  training-mode linear reuses the two scales its original forward used -- kept in the
+  non-persistent buffer ``fp8_forward_scales`` -- and records nothing. Its recomputed FP8
+  operands are then bit-identical to the saved ones of a run without checkpointing, and the
+  history advances once per step, as TE's own checkpoint keeps it. (Computing the scales afresh
+  would use a history that already holds this step's amax.) This assumes no other training
+  forward of the same linear runs between a forward and its recomputation, which holds for
+  forward-then-backward per micro-batch. Under ``torch.compile`` the recomputation is part of
+  the compiled backward graph and this Python code does not run again.
 - State. The history is one float32 buffer ``fp8_amax_history`` of shape (history_len, 3),
   newest row first, columns (input, weight, grad_output), like TE's (length, tensors) history.
   It is persistent, so a checkpoint resumes with the same scales (TE saves its FP8 meta in
@@ -34,6 +43,7 @@ Decisions, where TE leaves room or the emulation has to choose:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +55,19 @@ FP8_MAX = {E4M3: torch.finfo(E4M3).max, E5M2: torch.finfo(E5M2).max}  # 448, 573
 
 INPUT, WEIGHT, GRAD_OUTPUT = 0, 1, 2  # columns of the amax history
 FP8_FORMATS = ("HYBRID", "E4M3")
+
+_recompute_depth = 0  # > 0 inside activation_recompute()
+
+
+@contextlib.contextmanager
+def activation_recompute():
+    """Marks forwards that repeat an earlier one (activation checkpointing): same scales, no amax recorded."""
+    global _recompute_depth
+    _recompute_depth += 1
+    try:
+        yield
+    finally:
+        _recompute_depth -= 1
 
 
 @dataclass(frozen=True)
@@ -109,17 +132,26 @@ def _record(history: torch.Tensor, column: int, amax: torch.Tensor) -> None:
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x W^T (+ b) with x, W in the forward format and dy in the backward format."""
+    """y = x W^T (+ b) with x, W in the forward format and dy in the backward format.
+
+    ``record``: a training forward -- keep the scales in ``scales`` and advance the history.
+    ``replay``: the recomputation of such a forward -- use ``scales``, record nothing.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, history, cfg: DelayedScalingConfig, record: bool, out_dtype):
+    def forward(ctx, x, weight, bias, history, scales, cfg: DelayedScalingConfig, record: bool, replay: bool,
+                out_dtype):
         x2 = x.reshape(-1, x.shape[-1])
         fwd = cfg.forward_dtype
-        x_amax, w_amax = x2.abs().amax().float(), weight.abs().amax().float()
-        x_scale = delayed_scale(history[:, INPUT], x_amax, FP8_MAX[fwd], cfg.margin, cfg.amax_compute_algo)
-        w_scale = delayed_scale(history[:, WEIGHT], w_amax, FP8_MAX[fwd], cfg.margin, cfg.amax_compute_algo)
+        if replay:
+            x_scale, w_scale = scales[INPUT], scales[WEIGHT]
+        else:
+            x_amax, w_amax = x2.abs().amax().float(), weight.abs().amax().float()
+            x_scale = delayed_scale(history[:, INPUT], x_amax, FP8_MAX[fwd], cfg.margin, cfg.amax_compute_algo)
+            w_scale = delayed_scale(history[:, WEIGHT], w_amax, FP8_MAX[fwd], cfg.margin, cfg.amax_compute_algo)
         x_q, w_q = to_fp8(x2, fwd, x_scale), to_fp8(weight, fwd, w_scale)
         if record:
+            scales.copy_(torch.stack((x_scale, w_scale)))
             _record(history, INPUT, x_amax)
             _record(history, WEIGHT, w_amax)
         x_inv, w_inv = x_scale.reciprocal(), w_scale.reciprocal()
@@ -153,7 +185,7 @@ class _Fp8Matmul(torch.autograd.Function):
             grad_w = ((g_q.t() @ x_q.float()) * (g_inv * x_inv)).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.float().sum(0).to(ctx.b_dtype)  # TE takes dbias from the unquantized gradient
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class Fp8EmulatedLinear(nn.Linear):
@@ -171,6 +203,9 @@ class Fp8EmulatedLinear(nn.Linear):
         self.register_buffer("fp8_amax_history",
                              torch.zeros(self.recipe.amax_history_len, 3, device=device, dtype=torch.float32),
                              persistent=True)
+        # The (input, weight) scales of the latest training forward, for its recomputation.
+        self.register_buffer("fp8_forward_scales", torch.ones(2, device=device, dtype=torch.float32),
+                             persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: DelayedScalingConfig | None = None) -> Fp8EmulatedLinear:
@@ -180,26 +215,32 @@ class Fp8EmulatedLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.fp8_amax_history = torch.zeros_like(new.fp8_amax_history, device=linear.weight.device)
+        new.fp8_forward_scales = torch.ones_like(new.fp8_forward_scales, device=linear.weight.device)
         new.train(linear.training)
         return new
 
     def reset_amax_history(self) -> None:
         self.fp8_amax_history.zero_()
+        self.fp8_forward_scales.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        record = self.training and torch.is_grad_enabled()
+        recomputing = _recompute_depth > 0
+        record = self.training and torch.is_grad_enabled() and not recomputing
+        replay = self.training and recomputing
         with torch.autocast(dev, enabled=False):  # the emulated GEMM accumulates in float32
-            return _Fp8Matmul.apply(x, self.weight, self.bias, self.fp8_amax_history, self.recipe, record,
-                                    out_dtype)
+            return _Fp8Matmul.apply(x, self.weight, self.bias, self.fp8_amax_history, self.fp8_forward_scales,
+                                    self.recipe, record, replay, out_dtype)
 
     def _apply(self, fn, recurse=True):
-        """Module casts (``.to(bfloat16)``) move the history but keep it float32, like TE's meta."""
-        history = self.fp8_amax_history
+        """Module casts (``.to(bfloat16)``) move the history and scales but keep them float32, like TE's meta."""
+        history, scales = self.fp8_amax_history, self.fp8_forward_scales
         super()._apply(fn, recurse)
         if self.fp8_amax_history.dtype != torch.float32:
             self.fp8_amax_history = history.to(self.fp8_amax_history.device)
+        if self.fp8_forward_scales.dtype != torch.float32:
+            self.fp8_forward_scales = scales.to(self.fp8_forward_scales.device)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

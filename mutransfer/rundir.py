@@ -1,0 +1,205 @@
+"""What every run directory is made of: atomic JSON, append-only JSONL, the environment, the device.
+
+Every command that writes a run directory (sweep, transfer check, coordinate check, training)
+uses these, so the files mean the same thing everywhere:
+
+- ``write_json``: written to a temporary sibling, fsynced, then renamed over the target; a reader
+  (or a crash) sees the old file or the new one, never half of one.
+- ``append_jsonl`` / ``read_jsonl``: one JSON object per line, appended under an exclusive lock
+  (several processes may append); a reader skips only a torn *last* line (a writer killed
+  mid-line) and reports anything else as corruption.
+- ``environment()``: one provenance schema -- time, host, versions, devices, git commit, argv.
+- ``pick_device()``: the one rule for ``device = auto | cpu | cuda | cuda:N``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from mutransfer.config import ConfigError
+
+ENVIRONMENT_SCHEMA = "mutransfer.environment/1"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """A JSON file, or ConfigError naming it when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid JSON: {e}") from e
+
+
+def append_jsonl(path: str | Path, row: dict) -> None:
+    """Append one row under an exclusive lock, flushed to disk before returning."""
+    line = json.dumps(row, default=str) + "\n"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class JsonlWriter:
+    """An open JSONL file for a long run's rows (one process): append, flush after each row."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a")
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file ([] when absent). A torn last line (a killed writer) is skipped;
+    a bad line anywhere else is corruption and raises ConfigError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue
+            raise ConfigError(f"{path}: line {i + 1} is not JSON ({e}); the file is corrupt") from e
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def truncate_jsonl(path: str | Path, keep) -> None:
+    """Rewrite ``path`` atomically with only the rows for which ``keep(row)`` is true."""
+    path = Path(path)
+    rows = [r for r in read_jsonl(path) if keep(r)]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def code_version() -> dict:
+    """Package version, plus the git commit (and whether the tree had changes) when there is one."""
+    info: dict = {"package": package_version("mutransfer"), "git_commit": None, "git_dirty": None}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def environment(world_size: int = 1, device: str | None = None) -> dict:
+    """Versions, devices and source commit, so a run directory says what produced it."""
+    import torch
+
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return {
+        "schema": ENVIRONMENT_SCHEMA,
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "argv": sys.argv,
+        "cpu_count": cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "cuda_devices": cuda,
+        "device": device,
+        "world_size": world_size,
+        "versions": {name: package_version(name) for name in ("mutransfer", "torch", "optuna", "numpy", "pandas",
+                                                                "pydantic")},
+        "code": code_version(),
+    }
+
+
+# ---------------------------------------------------------------- the device
+
+
+def pick_device(setting: str = "auto", local_rank: int | None = None):
+    """``auto``: the GPU (``cuda:local_rank``) when one is visible, else the CPU; ``cpu``; ``cuda``
+    (the local rank's GPU); ``cuda:N``. A GPU that is asked for but absent is a ConfigError."""
+    import torch
+
+    if setting == "cpu" or (setting == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device = {setting!r} but no CUDA device is visible")
+    if setting.startswith("cuda:"):
+        index = int(setting.split(":", 1)[1])
+    else:
+        index = local_rank or 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {setting!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)

@@ -1,0 +1,68 @@
+"""The one Muon: bit-identical to torch.optim.Muon on plain tensors; fused Q|K|V and gate|up sets are
+orthogonalised as one matrix and scaled by the fused shape (the recipe's Megatron)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim._muon import _zeropower_via_newtonschulz
+
+from mutransfer.build import build_model
+from mutransfer.config import HParams
+from mutransfer.optim import build_optimizers
+from mutransfer.presets import get_preset
+
+
+def one_step(fuse: bool, seed: int = 0):
+    shape = get_preset("tiny")
+    hp = HParams()
+    model = build_model(shape, hp, seed=seed)
+    opts = build_optimizers(model, shape, hp, "muon", fuse=fuse)
+    tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(seed))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opts.step()
+    return model, opts, grads, before
+
+
+def test_unfused_matches_torch_muon_bit_for_bit():
+    model, opts, grads, before = one_step(fuse=False)
+    ref_params = {n: torch.nn.Parameter(before[n].clone()) for n in before}
+    groups = []
+    for g in opts.optimizers["muon"].param_groups:
+        ps = [ref_params[n] for n in g["names"]]
+        for p, n in zip(ps, g["names"], strict=True):
+            p.grad = grads[n].clone()
+        groups.append({k: v for k, v in g.items() if k not in ("params", "names", "fuse", "role", "base_lr")}
+                      | {"params": ps})
+    torch.optim.Muon(groups).step()
+    for g in opts.optimizers["muon"].param_groups:
+        for n in g["names"]:
+            assert torch.equal(dict(model.named_parameters())[n], ref_params[n]), n
+
+
+def test_fused_sets_are_orthogonalised_together_and_scaled_by_the_fused_shape():
+    model, opts, grads, before = one_step(fuse=True)
+    group = next(g for g in opts.optimizers["muon"].param_groups if g["role"] == "attn_qkv")
+    hp = HParams()
+    names = [f"layers.0.attention.w{x}.weight" for x in "qkv"]
+    # momentum starts at zero (torch's own ops, so the bf16 Newton-Schulz sees the same input)
+    updates = []
+    for n in names:
+        buf = torch.zeros_like(grads[n]).lerp_(grads[n], 1 - hp.muon_momentum)
+        updates.append(grads[n].lerp(buf, hp.muon_momentum))
+    stacked = torch.cat(updates, dim=0)
+    ortho = _zeropower_via_newtonschulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"]).float()
+    scale = group["lr"] * 0.2 * math.sqrt(max(stacked.shape))
+    params = dict(model.named_parameters())
+    start = 0
+    for n, u in zip(names, updates, strict=True):
+        rows = u.shape[0]
+        expected = before[n] * (1 - group["lr"] * group["weight_decay"]) - scale * ortho[start:start + rows]
+        torch.testing.assert_close(params[n].detach(), expected, rtol=0, atol=1e-7)
+        start += rows
+    # a different direction from per-matrix Muon: fusing is not a no-op
+    unfused, _, _, _ = one_step(fuse=False)
+    assert not torch.allclose(dict(unfused.named_parameters())[names[1]], params[names[1]])

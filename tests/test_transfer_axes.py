@@ -1,0 +1,207 @@
+"""The transfer verdict on every axis, on synthetic loss curves with a known optimum and known noise:
+each axis's pass, fail and inconclusive branches, and bad axis values refused before compute.
+
+The runs are written as ``mutransfer transfer-check`` writes them (runs.jsonl), and judged by the
+same code the command calls (``proxy_sweeps.transfer_verdict.judge``); the reduced grids that train
+for real are in test_transfer_check.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mutransfer.cli import main
+from mutransfer.config import ConfigError
+from proxy_sweeps.transfer import RUNS_FILE, spec_from_mapping
+from proxy_sweeps.transfer_verdict import judge
+
+TRAIN = {"steps": 16, "batch_size": 4, "seq_len": 32, "warmup": 2, "eval_every": 8, "eval_batches": 1,
+         "eval_batch_size": 4}
+
+
+def spec(axis: str, values: list[int], **transfer):
+    table = {"axis": axis, "values": values, "lr_log2_low": -10.0, "lr_log2_high": -2.0, "lr_log2_step": 1.0,
+             "seeds": 4, "min_span": 2.0, **transfer}
+    train = dict(TRAIN)
+    if axis == "batch_size":
+        table.setdefault("tokens", 4 * 32 * 64)
+        train["micro_batch_size"] = 4
+    return spec_from_mapping({"transfer": table, "model": {"preset": "tiny"}, "train": train})
+
+
+def write_runs(out, s, optimum, noise: float = 0.01, seed: int = 0, batches: int = 4) -> None:
+    """Parabolic curves (0.03 nats per octave^2) around ``optimum(variant, value)``, plus per-seed and
+    per-evaluation-batch noise of size ``noise``."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / RUNS_FILE, "w") as f:
+        for v in s.variants:
+            for value in s.settings.values:
+                for sd in range(s.settings.seeds):
+                    shift = rng.normal(0, noise)
+                    for x in s.lr_log2:
+                        clean = 2.0 + 0.03 * (x - optimum(v.name, value)) ** 2 + shift
+                        vals = list(clean + rng.normal(0, noise, size=batches))
+                        f.write(json.dumps({"variant": v.name, "parametrization": v.parametrization,
+                                            "value": value, "lr_log2": x, "seed": sd, "status": "ok",
+                                            "loss": float(np.mean(vals)), "val_batches": vals}) + "\n")
+
+
+def verdict_for(tmp_path, axis, values, optimum, noise=0.01, **transfer):
+    s = spec(axis, values, **transfer)
+    write_runs(tmp_path, s, optimum, noise)
+    return judge(tmp_path, s)
+
+
+# --- width and depth: the drift of the optimum, with the SP control ------------------------------
+
+
+@pytest.mark.parametrize("axis, values", [("width", [32, 64, 128, 256]), ("depth", [2, 4, 8, 16])])
+def test_width_and_depth_pass_when_mup_stays_and_sp_drifts(tmp_path, axis, values):
+    flat = lambda name, v: -6.0 if name.startswith("mup") else -6.0 - math.log2(v / values[0])  # noqa: E731
+    v = verdict_for(tmp_path, axis, values, flat)
+    assert v["outcome"] == "pass" and v["exit_status"] == 0, v["reasons"]
+    drift = v["variants"]["mup"]["drift"]
+    assert drift["ci"][0] <= 0 <= drift["ci"][1] and -0.5 < drift["ci"][0] and drift["ci"][1] < 0.5
+    assert v["decision"]["control"]["outcome"] == "fail"  # SP's optimum moves 3 octaves: visibly
+
+
+@pytest.mark.parametrize("axis, values", [("width", [32, 64, 128, 256]), ("depth", [2, 4, 8, 16])])
+def test_width_and_depth_fail_when_the_optimum_drifts(tmp_path, axis, values):
+    drifting = lambda name, v: -6.0 - 0.5 * math.log2(v / values[0])  # noqa: E731 -- 1.5 octaves over 8x
+    v = verdict_for(tmp_path, axis, values, drifting)
+    assert v["outcome"] == "fail" and v["exit_status"] == 1
+    assert v["variants"]["mup"]["drift"]["ci"][1] < -0.5
+
+
+def test_noise_comparable_to_the_goal_is_inconclusive_with_a_seed_estimate(tmp_path):
+    halfway = lambda name, v: -6.0 - math.log2(v / 32) / 6 if name == "mup" else -6 - math.log2(v / 32)  # noqa
+    v = verdict_for(tmp_path, "width", [32, 64, 128, 256], halfway, noise=0.02)
+    assert v["outcome"] == "inconclusive" and v["exit_status"] == 3
+    assert v["extra_seeds_needed"] is None or v["extra_seeds_needed"] > 0
+
+
+def test_depth_reports_every_exponent_and_judges_the_one_that_drifts_least(tmp_path):
+    def opt(name, depth):
+        return -6.0 if name == "mup(a=1)" else -6.0 - 0.6 * math.log2(depth / 2)
+
+    v = verdict_for(tmp_path, "depth", [2, 4, 8, 16], opt, depth_alphas=[0.5, 1.0])
+    assert set(v["variants"]) == {"mup(a=0.5)", "mup(a=1)", "sp"}
+    assert v["primary"] == "mup(a=1)" and v["outcome"] == "pass"
+    assert v["decision"]["by_variant"]["mup(a=0.5)"]["outcome"] == "fail"
+
+
+def test_too_small_a_span_fails_whatever_the_noise(tmp_path):
+    v = verdict_for(tmp_path, "width", [32, 64], lambda n, w: -6.0, min_span=8.0)
+    assert v["outcome"] == "fail" and any("span" in r for r in v["reasons"])
+
+
+def test_one_seed_is_inconclusive_not_a_crash(tmp_path):
+    s = spec("width", [32, 64, 128, 256], seeds=1)
+    write_runs(tmp_path, s, lambda n, w: -6.0)
+    v = judge(tmp_path, s)
+    assert v["outcome"] == "inconclusive" and "seed" in " ".join(v["reasons"])
+    assert v["variants"]["mup"]["drift"]["estimate"] is not None  # the point estimate is still reported
+
+
+# --- horizon and batch: a power law fitted on the smaller values predicts the largest -------------
+
+
+def law(beta: float, values: list[int], bend_after: int | None = None):
+    start = -4.0 if beta > 0 else -7.5  # inside the LR grid (2^-10 .. 2^-2) at every value
+    def opt(name, v):
+        x = start - beta * math.log2(v / values[0])
+        if bend_after is not None and v > bend_after:  # the law breaks: the optimum stops moving
+            x = start - beta * math.log2(bend_after / values[0])
+        return x
+    return opt
+
+
+@pytest.mark.parametrize("axis, values", [("steps", [60, 120, 240, 480]), ("batch_size", [4, 8, 16, 32, 64])])
+def test_a_law_that_holds_predicts_the_largest_value(tmp_path, axis, values):
+    v = verdict_for(tmp_path, axis, values, law(0.5 if axis == "steps" else -0.5, values))
+    assert v["outcome"] == "pass", v["reasons"]
+    fit = v["law"]["law"]
+    beta = 0.5 if axis == "steps" else -0.5
+    assert fit["beta"]["ci"][0] <= beta <= fit["beta"]["ci"][1]
+    residual = fit["residual"]
+    assert residual["ci"][0] <= 0 <= residual["ci"][1]
+    naive = v["law"]["naive_error"]["estimate"]  # keeping the proxy's LR is off by the whole drift
+    assert abs(naive) == pytest.approx(abs(beta) * math.log2(values[-1] / values[0]), abs=0.3)
+
+
+@pytest.mark.parametrize("axis, values", [("steps", [60, 120, 240, 480]), ("batch_size", [4, 8, 16, 32, 64])])
+def test_a_law_that_breaks_fails_and_batch_names_the_critical_value(tmp_path, axis, values):
+    sign = 1 if axis == "steps" else -1
+    v = verdict_for(tmp_path, axis, values, law(sign * 0.8, values, bend_after=values[-2] // 2))
+    assert v["outcome"] == "fail"
+    if axis == "batch_size":
+        assert v["law"]["critical"]["critical_value"] in values[-2:]
+
+
+# --- bad axis values: refused before compute, naming the field -----------------------------------
+
+
+@pytest.mark.parametrize("axis, values, extra, message", [
+    ("depth", [0, 4], {}, "transfer.values[0]: input should be greater than 0"),
+    ("steps", [1, 60, 120], {}, "warmup = 2 + decay = 0 must fit in steps = 1"),
+    ("batch_size", [4, 6, 8], {"tokens": 4 * 32 * 24}, "does not divide into micro-batches"),
+    ("batch_size", [4, 8, 16], {"tokens": 1000}, "not a whole number of steps"),
+    ("steps", [60, 120], {}, "give at least three"),
+    ("width", [32, 64], {"lr_log2_step": math.nan}, "transfer.lr_log2_step: input should be a finite number"),
+])
+def test_bad_axis_values_fail_before_compute(tmp_path, capsys, axis, values, extra, message):
+    table = {"axis": axis, "values": values, **extra}
+    train = dict(TRAIN)
+    if axis == "batch_size":
+        train["micro_batch_size"] = 4
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        spec_from_mapping({"transfer": table, "model": {"preset": "tiny"}, "train": train})
+    path = tmp_path / "t.toml"
+    lines = [f"[transfer]\naxis = '{axis}'\nvalues = {values}"]
+    lines += [f"{k} = {v if not isinstance(v, float) or math.isfinite(v) else 'nan'}" for k, v in extra.items()]
+    lines += ["[model]\npreset = 'tiny'", "[train]"] + [f"{k} = {v}" for k, v in train.items()]
+    path.write_text("\n".join(lines) + "\n")
+    assert main(["transfer-check", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+# --- carrying a fitted law: freeze attaches it, plan shows it, a config applies it on demand -------
+
+
+def test_a_fitted_horizon_law_corrects_the_target_lr_only_when_asked(tmp_path, capsys):
+    from full_scale.config import load_run_config
+    from mutransfer.config import HParams
+    from mutransfer.laws import law_from_verdict
+    from mutransfer.lockfile import write_lock
+    from mutransfer.presets import get_preset
+
+    values = [60, 120, 240, 480]
+    s = spec("steps", values)
+    write_runs(tmp_path / "horizon", s, law(0.5, values))
+    verdict = judge(tmp_path / "horizon", s)
+    law_entry = law_from_verdict(verdict, {"spec": s.raw}, "horizon")
+    assert law_entry["kind"] == "horizon" and law_entry["beta"] == pytest.approx(0.5, abs=0.1)
+    tiny = get_preset("tiny")
+    proxy_train = {"steps": 120, "batch_size": 8, "seq_len": 128}  # the sweep's trials: 122,880 tokens
+    lock = tmp_path / "lock.json"
+    write_lock(lock, HParams(lr=0.01, alpha_in=4.0), tiny.param, tiny.model, {"proxy_train": proxy_train},
+               laws={"horizon": law_entry})
+    smoke = str(Path(__file__).resolve().parents[1] / "full_scale" / "smoke.toml")
+    off = load_run_config(smoke, [], str(lock))
+    assert off.hp.lr == 0.01 and off.lr_correction["factor"] == 1.0  # the lock's value unless asked
+    on = load_run_config(smoke, ["transfer.horizon='fitted'"], str(lock))
+    expected = 2.0 ** (-law_entry["beta"] * math.log2(on.stages.total_tokens / (120 * 8 * 128)))
+    assert on.lr_correction["factor"] == pytest.approx(expected)
+    assert on.hp.lr == pytest.approx(0.01 * expected)
+    assert main(["plan", smoke, "--hparams", str(lock), "--set", "transfer.horizon='fitted'"]) == 0
+    out = capsys.readouterr().out
+    assert "corrected by the fitted laws (horizon x" in out
+    with pytest.raises(ConfigError, match="no batch law"):
+        load_run_config(smoke, ["transfer.batch='fitted'"], str(lock))
