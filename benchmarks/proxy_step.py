@@ -25,10 +25,12 @@ Shapes (``--configs``): ``tiny`` (the preset, d 64, batch 16 x seq 128: the quic
 ``d256`` and ``d512`` (the tiny family widened -- L 4, head dim 16, vocabulary 256 -- at batch 8 x
 seq 256), and ``proxy-20m`` (48 layers, 129k vocabulary, batch 4 x seq 128; not in the default set).
 
-Measurement: one process per (config, mode) holds all the models and interleaves them: each of
-``--repeats`` rounds times ``--steps`` steps of every model in turn (the order alternating between
-rounds), and a model's figure is its best round (median step time within the round), so a change
-in background load hits every model alike. The first step is timed separately (under
+Measurement: one process per (config, mode) holds all the models and interleaves them step by step:
+each of ``--repeats`` rounds runs ``--steps`` steps of every model, one step of each in turn (the
+order rotating every step), and a model's tokens/s and FLOP/s are its best round's (the median step time within the
+round). The ratios in the table are paired: the median, over all interleaved cycles, of the ratio
+of two models' step times in that cycle, so background load that drifts hits both sides alike
+(the best rounds' ratios are in the JSON too). The first step is timed separately (under
 ``torch.compile``: the compile). The forward + backward and the optimizer part (clip, LR, step,
 zero) of each step are timed apart too (JSON). A config that fails or runs past its timeout shows
 as ``failed`` / ``timeout``, with the error in the JSON.
@@ -319,21 +321,24 @@ def measure(config: str, mode: str, models: list[str], batch_size: int, seq_len:
         except Exception as e:  # noqa: BLE001 -- a compile failure is a result to report
             run["result"].update(status="failed", error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
     live = [k for k in models if runs[k]["result"]["status"] == "ok"]
-    for i in range(repeats):
-        for kind in (live if i % 2 == 0 else live[::-1]):
-            run = runs[kind]
-            times, fb, opt = [], [], []
-            for _ in range(steps):
+    for i in range(repeats):  # a round: `steps` steps of every model, interleaved step by step
+        times = {k: {"step": [], "fb": [], "opt": []} for k in live}
+        for j in range(steps):
+            shift = (i * steps + j) % len(live)
+            for kind in live[shift:] + live[:shift]:
+                run = runs[kind]
                 t0 = time.perf_counter()
                 loss, t_fb, t_opt = run["step"](run["fwd"], run["x"], run["y"])
-                times.append(time.perf_counter() - t0)
-                fb.append(t_fb)
-                opt.append(t_opt)
-            run["result"]["rounds"].append({"step_s_median": statistics.median(times), "step_s": times,
-                                            "fwd_bwd_s_median": statistics.median(fb),
-                                            "optimizer_s_median": statistics.median(opt),
-                                            "load_average": os.getloadavg()[0]})
-            run["result"]["final_loss"] = loss
+                times[kind]["step"].append(time.perf_counter() - t0)
+                times[kind]["fb"].append(t_fb)
+                times[kind]["opt"].append(t_opt)
+                run["result"]["final_loss"] = loss
+        load = os.getloadavg()[0]
+        for kind, t in times.items():
+            runs[kind]["result"]["rounds"].append({"step_s_median": statistics.median(t["step"]), "step_s": t["step"],
+                                                   "fwd_bwd_s_median": statistics.median(t["fb"]),
+                                                   "optimizer_s_median": statistics.median(t["opt"]),
+                                                   "load_average": load})
     out = []
     for kind in models:
         r = runs[kind]["result"]
@@ -390,19 +395,32 @@ def run_config(config: str, mode: str, args) -> list[dict]:
     return [{**base, "wall_s": wall, "load_average_before": round(load, 2), **r} for r in payload["results"]]
 
 
+def paired_ratio(r: dict, ref: dict, per_token: bool) -> float:
+    """Median over interleaved cycles of ref's step time / r's (x FLOPs per token r / ref when
+    ``per_token``): each cycle runs one step of every model back to back, so load drift cancels."""
+    ratios = [t_ref / t for rd, rd_ref in zip(r["rounds"], ref["rounds"], strict=True)
+              for t, t_ref in zip(rd["step_s"], rd_ref["step_s"], strict=True)]
+    scale = r["flops_per_token"] / ref["flops_per_token"] if per_token else 1.0
+    return statistics.median(ratios) * scale
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """mup / plain in tokens/s (same FLOPs), every model / gpt2 in FLOP/s."""
+    """mup / plain in tokens/s (same FLOPs), every model / gpt2 in FLOP/s: the paired ratio (median
+    over interleaved cycles; the table's) and the ratio of the best rounds."""
     by = {r["model"]: r for r in rows if r.get("status") == "ok"}
     for r in rows:
-        r["over_plain_tokens"] = r["over_gpt2_flops"] = None
+        for key in ("over_plain_tokens", "over_plain_tokens_best", "over_gpt2_flops", "over_gpt2_flops_best"):
+            r[key] = None
         if r.get("status") != "ok":
             continue
         if "plain" in by and r["model"] in ("mup", "plain"):
-            r["over_plain_tokens"] = round(r["tokens_per_s"] / by["plain"]["tokens_per_s"], 4)
-            if r["model"] == "mup" and r["param_shapes"] != by["plain"]["param_shapes"]:
+            r["over_plain_tokens"] = round(paired_ratio(r, by["plain"], per_token=False), 4)
+            r["over_plain_tokens_best"] = round(r["tokens_per_s"] / by["plain"]["tokens_per_s"], 4)
+            if r["model"] == "mup" and r.get("param_shapes") != by["plain"].get("param_shapes"):
                 r["warning"] = "parameter shapes differ between mup and plain"
         if "gpt2" in by:
-            r["over_gpt2_flops"] = round(r["flops_per_s"] / by["gpt2"]["flops_per_s"], 4)
+            r["over_gpt2_flops"] = round(paired_ratio(r, by["gpt2"], per_token=True), 4)
+            r["over_gpt2_flops_best"] = round(r["flops_per_s"] / by["gpt2"]["flops_per_s"], 4)
     for r in rows:
         r.pop("param_shapes", None)
 

@@ -152,3 +152,15 @@ def test_recorder_matches_mup_get_coord_data():
     assert merged["l1"].notna().all()
     torch.testing.assert_close(torch.tensor(merged["value"].to_numpy()), torch.tensor(merged["l1"].to_numpy()),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_depth_axis_fits_slopes_against_depth_with_seed_intervals(tmp_path):
+    rc, v = coord_check(tmp_path, "--depths", "2,4,8", "--steps", "3", "--seeds", "2", "--threads", "1")
+    assert rc in (0, 1) and v["axis"] == "depth" and v["axis_values"] == [2, 4, 8]
+    df = pd.read_parquet(tmp_path / "coord.parquet")
+    assert sorted(df["depth"].unique()) == [2, 4, 8] and set(df["width"]) == {64}
+    residual = v["modules"]["residual"]
+    lo, hi = residual["slopes_ci"]["2"]
+    assert lo <= residual["slopes"]["2"] <= hi  # an interval over seeds around every slope
+    assert (tmp_path / "coord.png").stat().st_size > 0
