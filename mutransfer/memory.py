@@ -17,15 +17,15 @@ measurement of the saved tensors in ``tests/test_memory_model.py``):
 - RMSNorm: CUDA's fused kernel saves its input and one float32 rstd per token; CPU's composite
   also saves the normalized input (``fused_norm=False``, what the CPU test measures).
 - Transformer Engine (``fp8-te``): each TE Linear keeps its own FP8 copy of its input, row- and
-  column-wise, so the inputs that bf16 shares (wq/wk/wv, w1/w3) cost 6 d more bytes per token and
-  layer (``te_extra_bytes``). TE supports "none" and "full" (its own checkpoint), not "selective".
+  column-wise, so the inputs that bf16 shares (wq/wk/wv, w1/w3, and wo's with the attention
+  output) cost 6 d + 2 q more bytes per token and layer (``te_extra_bytes``). TE supports "none" and "full" (its own checkpoint), not "selective".
 
 Per layer and token (d, q = heads x head_dim, kv = KV heads x head_dim, f = FFN width, H heads,
 a = activation bytes, r = 4 for the float32 residual stream):
 
 - "none": 2 r d + 8 (two norms) + 2 a d (the normed input, cast once, shared by wq/wk/wv and
-  by w1/w3) + a (q + 2 kv) (q, k after RoPE, v) + 2 a q (attention output, wo's input) + 4 H
-  (logsumexp) + 4 a f (w1 out, SiLU out, w3 out, their product).
+  by w1/w3) + a (q + 2 kv) (q, k after RoPE, v) + a q (the attention output; wo's input is a view
+  of it: the kernels lay it out token-major, measured) + 4 H (logsumexp) + 4 a f (w1 out, SiLU out, w3 out, their product).
 - "selective": r d (block input) + a (q + 2 kv + d) (wq, wk, wv, wo outputs) + a (2 f + d) (w1,
   w3, w2 outputs) + a q + 4 H (attention output, logsumexp).
 - "full": r d (block input).
@@ -113,14 +113,15 @@ def activation_bytes_per_token_per_layer(m: ModelConfig, policy: str, precision:
     if policy == "selective":
         return r * d + a * (q + 2 * kv + d) + a * (2 * f + d) + a * q + FP32 * heads
     norms = 2 * (r * d + FP32) + (0 if fused_norm else 2 * FP32 * d)
-    return norms + 2 * a * d + a * (q + 2 * kv) + 2 * a * q + FP32 * heads + 4 * a * f + te_extra_bytes(m, precision)
+    return norms + 2 * a * d + a * (q + 2 * kv) + a * q + FP32 * heads + 4 * a * f + te_extra_bytes(m, precision)
 
 
 def te_extra_bytes(m: ModelConfig, precision: str) -> int:
     """Transformer Engine's FP8 Linear keeps its own FP8 copy of its input, row- and column-wise
     (2 bytes a number), per module: wq, wk and wv each keep one of the normed input (and w1, w3
-    of theirs) where under bf16 they share one 2-byte copy. 6 d more bytes per token and layer."""
-    return 6 * m.d_model if precision == "fp8-te" else 0
+    of theirs) where under bf16 they share one 2-byte copy, and wo keeps one beside the attention
+    output it is a view of under bf16. 6 d + 2 q more bytes per token and layer."""
+    return 6 * m.d_model + 2 * m.n_heads * m.head_dim if precision == "fp8-te" else 0
 
 
 def recompute_bytes_per_token(m: ModelConfig, policy: str, precision: str, *, fused_norm: bool = True) -> int:

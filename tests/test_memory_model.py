@@ -77,7 +77,7 @@ def test_saved_bytes_per_token_per_layer_match_the_model(model, policy, precisio
     layers2, rest2 = saved_bytes(model, 2, precision)
     measured = (layers2 - layers1) / SEQ / TWO_LAYERS.n_layers
     modelled = activation_bytes_per_token_per_layer(TWO_LAYERS, policy, precision, fused_norm=False)
-    assert abs(measured - modelled) <= 0.15 * modelled, (measured, modelled)  # the bound
+    assert abs(measured - modelled) <= 0.05 * modelled, (measured, modelled)  # the bound: 15 %
     measured_rest = (rest2 - rest1) / SEQ
     modelled_rest = non_layer_bytes_per_token(TWO_LAYERS, fused_norm=False)
     assert abs(measured_rest - modelled_rest) <= 0.05 * modelled_rest, (measured_rest, modelled_rest)
