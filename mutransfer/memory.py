@@ -18,14 +18,16 @@ measurement of the saved tensors in ``tests/test_memory_model.py``):
   also saves the normalized input (``fused_norm=False``, what the CPU test measures).
 - Transformer Engine (``fp8-te``): each TE Linear keeps its own FP8 copy of its input, row- and
   column-wise, so the inputs that bf16 shares (wq/wk/wv, w1/w3, and wo's with the attention
-  output) cost 6 d + 2 q more bytes per token and layer (``te_extra_bytes``). TE supports "none" and "full" (its own checkpoint), not "selective".
+  output) cost 6 d + 2 q more bytes per token and layer (``te_extra_bytes``). TE supports "none"
+  and "full" (its own checkpoint), not "selective".
 
 Per layer and token (d, q = heads x head_dim, kv = KV heads x head_dim, f = FFN width, H heads,
 a = activation bytes, r = 4 for the float32 residual stream):
 
 - "none": 2 r d + 8 (two norms) + 2 a d (the normed input, cast once, shared by wq/wk/wv and
   by w1/w3) + a (q + 2 kv) (q, k after RoPE, v) + a q (the attention output; wo's input is a view
-  of it: the kernels lay it out token-major, measured) + 4 H (logsumexp) + 4 a f (w1 out, SiLU out, w3 out, their product).
+  of it: the kernels lay it out token-major, measured) + 4 H (logsumexp) + 4 a f (w1 out, SiLU
+  out, w3 out, their product).
 - "selective": r d (block input) + a (q + 2 kv + d) (wq, wk, wv, wo outputs) + a (2 f + d) (w1,
   w3, w2 outputs) + a q + 4 H (attention output, logsumexp).
 - "full": r d (block input).
