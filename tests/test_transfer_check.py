@@ -76,3 +76,38 @@ def test_bad_transfer_file_names_the_field(tmp_path, widths, field):
         load_transfer_spec(path)
     assert main(["transfer-check", str(path), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+AXIS_GRIDS = {  # [transfer] lines per axis: a real grid small enough for seconds
+    "depth": ('axis = "depth"\nvalues = [1, 2]\nparametrizations = ["mup", "sp"]\ndepth_alphas = [0.5, 1.0]\n'
+              'min_span = 2.0',
+              lambda r: r["depth"] == r["value"] and r["width"] == 64),
+    "steps": ('axis = "steps"\nvalues = [8, 16, 32]\nparametrizations = ["mup"]\nwarmup_fraction = 0.25\n'
+              'decay_fraction = 0.25', lambda r: r["steps"] == r["value"]),
+    "batch_size": ('axis = "batch_size"\nvalues = [4, 8, 16]\ntokens = 4096\nparametrizations = ["mup"]',
+                   lambda r: r["batch_size"] == r["value"] and r["steps"] == 4096 // (r["value"] * 32)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("axis", list(AXIS_GRIDS))
+def test_reduced_grid_trains_every_axis(tmp_path, axis):
+    """Every axis trains for real: the model, the horizon or the batch (accumulated in micro-batches
+    of 4) that the axis value says, and a verdict file (one seed: inconclusive, exit 3)."""
+    head, right_run = AXIS_GRIDS[axis]
+    text = REDUCED.replace('axis = "width"\nvalues = {widths}\nparametrizations = ["mup", "sp"]', head)
+    text = text.replace("lr_log2_low = -9", "lr_log2_low = -11").replace("lr_log2_step = 2", "lr_log2_step = 7")
+    if axis == "batch_size":
+        text = text.replace("\nbatch_size = 4\n", "\nbatch_size = 4\nmicro_batch_size = 4\n")
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert main(["transfer-check", str(path), "--out", str(out), "--workers", "2", "--quiet"]) == 3
+    spec = load_transfer_spec(path)
+    runs = read_runs(out)
+    assert len(runs) == len(spec.variants) * len(spec.settings.values) * 3
+    trained = [r for r in runs if r["status"] == "ok"]
+    assert trained and all(right_run(r) for r in trained)
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["axis"] == axis and verdict["outcome"] == "inconclusive"
+    assert (out / "transfer.png").stat().st_size > 0
