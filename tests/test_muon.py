@@ -1,13 +1,16 @@
-"""The one Muon: bit-identical to torch.optim.Muon on plain tensors; fused Q|K|V and gate|up sets are
+"""The one Muon: bit-identical to torch.optim.Muon on plain tensors with torch's bfloat16 iteration
+(float32 on CPU, for speed, equal to it to bf16 rounding); fused Q|K|V and gate|up sets are
 orthogonalised as one matrix and scaled by the fused shape (the recipe's Megatron)."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz
 
+import mutransfer.muon as muon
 from mutransfer.build import build_model
 from mutransfer.config import HParams
 from mutransfer.optim import build_optimizers
@@ -27,7 +30,25 @@ def one_step(fuse: bool, seed: int = 0):
     return model, opts, grads, before
 
 
-def test_unfused_matches_torch_muon_bit_for_bit():
+@pytest.fixture
+def bf16_iteration(monkeypatch):
+    """Newton-Schulz in bfloat16 on CPU too, as torch (and our GPU path) runs it."""
+    monkeypatch.setattr(muon, "ns_dtype", lambda device: torch.bfloat16)
+
+
+def test_newton_schulz_is_torchs_iteration():
+    g = torch.randn(48, 80, generator=torch.Generator().manual_seed(0))
+    for x in (g, g.T):
+        ref = _zeropower_via_newtonschulz(x, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        assert torch.equal(muon.newton_schulz(x, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.bfloat16), ref)
+        fp32 = muon.newton_schulz(x, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+        assert fp32.dtype == torch.float32 and fp32.shape == x.shape
+        torch.testing.assert_close(fp32, ref.float(), rtol=0, atol=0.05)  # bf16's rounding, nothing more
+    assert muon.ns_dtype(torch.device("cpu")) == torch.float32
+    assert muon.ns_dtype(torch.device("meta")) == torch.bfloat16
+
+
+def test_unfused_matches_torch_muon_bit_for_bit(bf16_iteration):
     model, opts, grads, before = one_step(fuse=False)
     ref_params = {n: torch.nn.Parameter(before[n].clone()) for n in before}
     groups = []
@@ -43,7 +64,7 @@ def test_unfused_matches_torch_muon_bit_for_bit():
             assert torch.equal(dict(model.named_parameters())[n], ref_params[n]), n
 
 
-def test_fused_sets_are_orthogonalised_together_and_scaled_by_the_fused_shape():
+def test_fused_sets_are_orthogonalised_together_and_scaled_by_the_fused_shape(bf16_iteration):
     model, opts, grads, before = one_step(fuse=True)
     group = next(g for g in opts.optimizers["muon"].param_groups if g["role"] == "attn_qkv")
     hp = HParams()
