@@ -431,6 +431,12 @@ def extra_seeds(lo: float, hi: float, goal: float, direction: str, seeds: int | 
     dist, half = _gap(lo, hi, goal, direction)
     if dist <= 0:
         return None, "the interval is centred on the goal: more seeds are unlikely to decide it"
+    if variance_parts and sum(variance_parts) > 0:
+        t = t_quantile(0.5 + level / 2, satterthwaite(variance_parts, _level_dfs(seeds, n_eval_batches)))
+        if t * math.sqrt(sum(variance_parts)) < half / 2:  # the parts do not explain the interval
+            return None, ("the interval comes from unstable fits (a tail of far-off optima among the resamples), "
+                          "not from noise that averages away: add seeds and evaluation batches, or narrow the "
+                          "LR grid's step")
 
     def fits(n_new: int) -> bool:
         return half * _half_width_factor(seeds, n_new, variance_parts, n_eval_batches, level) <= dist * (1 + 1e-9)
