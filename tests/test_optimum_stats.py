@@ -170,6 +170,9 @@ def test_extra_seeds_grow_as_the_interval_centre_nears_the_goal():
     assert 0 < seed_noise < extra_seeds(0.0, 0.8, 0.6, "below", seeds=3)[0]  # t (2 df now) falls too
     n, note = extra_seeds(0.0, 0.8, 0.6, "below", seeds=3, variance_parts=[0.1, 1.0, 0.0], n_eval_batches=4)
     assert n is None and "evaluation batches" in note
+    # Variance parts far too small for the interval: its width is a tail of unstable fits, not noise.
+    n, note = extra_seeds(0.0, 0.8, 0.6, "below", seeds=3, variance_parts=[1e-4, 1e-4, 0.0], n_eval_batches=4)
+    assert n is None and "unstable fits" in note
 
 
 # --------------------------------------------------------------------------- coverage
