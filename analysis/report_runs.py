@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.report_document import Figure, Note
+from analysis.training import jsonl_rows
 
 KIND_NAMES = {"coord": "coordinate check", "transfer": "LR-transfer check", "sweep": "sweep",
               "lock": "frozen hyperparameters", "training": "training run"}
@@ -141,15 +142,7 @@ class Reader:
         except (OSError, UnicodeDecodeError) as e:
             self.note(f"{name} is not readable ({e})")
             return None
-        rows = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-        return rows
+        return jsonl_rows(lines)
 
     def parquet(self, name: str):
         import pandas as pd

@@ -28,8 +28,13 @@ SWITCH_COLOR = "tab:red"
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a jsonl file; a torn line (a writer killed mid-line) is skipped, not fatal."""
+    return jsonl_rows(Path(path).read_text().splitlines())
+
+
+def jsonl_rows(lines: list[str]) -> list[dict]:
+    """The JSON objects among ``lines``; blank and torn lines are skipped."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for line in lines:
         if not line.strip():
             continue
         try:

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from full_scale.distributed import DistEnv, barrier
 from mutransfer.optim import OptimizerSet
-from mutransfer.rundir import write_json
+from mutransfer.rundir import fsync_path, write_json
 
 NAME = re.compile(r"^step_(\d{8})$")
 FAILPOINT_ENV = "MUTRANSFER_FAILPOINT"  # fault injection for the tests: "<phase>@<n-th save>"
@@ -241,16 +241,7 @@ def _stage_end(path: Path) -> bool:
 
 def _fsync_tree(path: Path, recursive: bool = True) -> None:
     for f in (sorted(path.rglob("*")) if recursive else []) + [path]:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_path(f)
 
 
 def read_trainer(path: Path) -> dict:

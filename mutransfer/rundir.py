@@ -30,7 +30,8 @@ from mutransfer.config import ConfigError
 ENVIRONMENT_SCHEMA = "mutransfer.environment/1"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory, best effort (some filesystems refuse it on directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -54,7 +55,7 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def read_json(path: str | Path, what: str = "file"):

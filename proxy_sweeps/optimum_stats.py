@@ -371,12 +371,7 @@ def bootstrap_shift(per_value_samples, axis_values, level: float = DEFAULT_LEVEL
     inherits that, so prefer the slope or drift to decide a trend. A value that is inconclusive
     (at a grid end, say) makes all three inconclusive, with intervals where samples exist.
     """
-    axis = np.asarray(axis_values, dtype=float)
-    per_value_samples = list(per_value_samples)
-    if len(axis) != len(per_value_samples):
-        raise ValueError(f"{len(per_value_samples)} per-value results for {len(axis)} axis values")
-    est, samples, results, reason = _stack(per_value_samples)
-    plan = _planning(results, reason)
+    axis, est, samples, results, reason, plan = _per_value(axis_values, per_value_samples)
     head = {"axis_values": axis.tolist(), "level": level, "status": plan["status"], "reason": reason}
     if len(axis) < 2:
         return {**head, **_inconclusive("a shift needs at least 2 axis values"),
@@ -391,6 +386,16 @@ def bootstrap_shift(per_value_samples, axis_values, level: float = DEFAULT_LEVEL
 
 
 # --------------------------------------------------------------------------- verdict
+
+
+def _per_value(axis_values, per_value_samples) -> tuple:
+    """The axis as floats and the stacked per-value bootstrap results (``_stack``) with their plan."""
+    axis = np.asarray(axis_values, dtype=float)
+    per_value_samples = list(per_value_samples)
+    if len(axis) != len(per_value_samples):
+        raise ValueError(f"{len(per_value_samples)} per-value results for {len(axis)} axis values")
+    est, samples, results, reason = _stack(per_value_samples)
+    return axis, est, samples, results, reason, _planning(results, reason)
 
 
 def _decided(lo: float, hi: float, goal: float, direction: str) -> str:
@@ -520,12 +525,7 @@ def fit_power_law(axis_values, per_value_samples, holdout: float | None = None, 
     holdout_samples (a bootstrap_optimum result at the held-out value) also the residual
     measured - predicted and its interval: it contains 0 when the law extrapolates.
     """
-    axis = np.asarray(axis_values, dtype=float)
-    per_value_samples = list(per_value_samples)
-    if len(axis) != len(per_value_samples):
-        raise ValueError(f"{len(per_value_samples)} per-value results for {len(axis)} axis values")
-    est, samples, results, reason = _stack(per_value_samples)
-    plan = _planning(results, reason)
+    axis, est, samples, results, reason, plan = _per_value(axis_values, per_value_samples)
     out = {"axis_values": axis.tolist(), "level": level, "holdout": holdout, "status": plan["status"],
            "reason": reason, "a": None, "beta": None, "prediction": None, "residual": None}
     if len(np.unique(axis)) < 2:
