@@ -95,13 +95,7 @@ REL = 1e-12
 NORM_ROLES = (Role.NORM_GAIN, Role.FINAL_NORM)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: the tensors are small and the CPU is shared (2 threads run these tests 3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def width_mult(width: int) -> float:

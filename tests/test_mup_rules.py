@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from benchmarks import mup_rules as M
 from mutransfer.parametrization import HIDDEN_MATRIX_ROLES, Role
@@ -34,12 +33,7 @@ OUTSIDE = (Role.EMBEDDING.value, Role.FINAL_NORM.value)
 ADAMW_ROLES = {"adamw": {r.value for r in Role}, "muon": {*OUTSIDE, Role.NORM_GAIN.value}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
