@@ -24,6 +24,7 @@ from mutransfer.cli import main
 from mutransfer.config import ConfigError, base_type, parse
 from mutransfer.config_docs import all_tables
 from mutransfer.rundir import read_jsonl
+from tests.sweep_files import TINY_TRIAL
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "full_scale" / "smoke.toml"
@@ -379,19 +380,7 @@ trials = {trials}
 heartbeat_interval = 1
 grace_period = 3
 max_retries = {retries}
-
-[model]
-preset = "tiny"
-
-[train]
-steps = {steps}
-batch_size = 4
-seq_len = 32
-warmup = 0
-eval_every = 6
-eval_batches = 1
-eval_batch_size = 4
-
+""" + TINY_TRIAL + """
 [objective]
 last_evals = 1
 
