@@ -464,7 +464,7 @@ def test_a_sweep_or_transfer_check_refuses_data_that_changed_under_it(tmp_path, 
     data = tmp_path / "data"
     prepare_text(data, "".join(f"{i}. It was the best of times, it was the worst of times.\n\n" for i in range(300)))
     path = sweep_file(tmp_path, trials=1)
-    path.write_text(path.read_text().replace('preset = "tiny"', f'preset = "tiny"\n\n[data]\nspec = "{data}"'))
+    path.write_text(path.read_text().replace('spec = "builtin"', f'spec = "{data}"'))
     out = tmp_path / "out"
     base = ["sweep", str(path), "--out", str(out), "--quiet", "--threads", "1"]
     assert main(base) == 0
