@@ -1,4 +1,4 @@
-"""The LR-transfer section: does the optimal base LR stay put along the axis, and how sure are we?
+"""The transfer section: does the optimal base LR (or weight decay) stay put along the axis, and how sure?
 
 Shows what ``mutransfer transfer-check`` wrote: the check's settings (config.json); from
 verdict.json each variant's optimum at every axis value with its confidence interval, the drift
@@ -49,12 +49,13 @@ def _ci(d: dict) -> list | None:
     return ci if isinstance(ci, list) and len(ci) == 2 and None not in ci else None
 
 
-def lr_cell(o: dict) -> str:
-    """An optimum as a power of two, its interval in log2 LR: ``2^-5.92 [-6.20, -5.70]``."""
-    if o.get("lr_log2") is None:
+def lr_cell(o: dict, key: str = "lr_log2") -> str:
+    """An optimum as a power of two, its interval in log2: ``2^-5.92 [-6.20, -5.70]`` (``key``: the
+    verdict's grid key, ``lr_log2`` or ``wd_log2``)."""
+    if o.get(key) is None:
         return "-"
     ci = _ci(o)
-    return f"2^{o['lr_log2']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    return f"2^{o[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def est_cell(d: dict | None, sign: bool = True) -> str:
@@ -72,13 +73,15 @@ def est_cell(d: dict | None, sign: bool = True) -> str:
 def settings_table(config: dict) -> Table:
     spec = config.get("spec") or {}
     s, train = spec.get("transfer") or {}, spec.get("train") or {}
-    grid = config.get("lr_log2") or []
+    grid = config.get("grid") or config.get("lr_log2") or []
+    knob = "LR" if config.get("tune", "lr") == "lr" else "weight decay"
     variants = list(s.get("parametrizations") or [])
     if s.get("depth_alphas"):
         variants.append(f"mup depth exponents {fmt(s['depth_alphas'])}")
     pairs = [("axis", s.get("axis", "width")), ("values", s.get("values") or s.get("widths")),
              ("variants", variants or None),
-             ("log2 LR grid", f"{fmt(grid[0])} .. {fmt(grid[-1])} ({len(grid)} points)" if grid else None),
+             (f"log2 {knob} grid", f"{fmt(grid[0])} .. {fmt(grid[-1])} ({len(grid)} points)" if grid else None),
+             ("fixed base LR", (spec.get("hparams") or {}).get("lr") if knob != "LR" else None),
              ("seeds", s.get("seeds")), ("model", (spec.get("model") or {}).get("preset")),
              ("steps per run", train.get("steps") if s.get("axis") not in LAW_AXES else "the axis"),
              ("batch x seq", f"{train.get('batch_size')} x {train.get('seq_len')}" if train else None),
@@ -112,12 +115,18 @@ def verdict_blocks(v: dict, seeds: int | None = None) -> list:
 
 def goal_text(v: dict, axis: str) -> str:
     goal, level = fmt(v.get("goal_octaves")), f"{round(100 * float(v.get('confidence') or 0.9))} %"
-    how = (f"Optimum: parabola vertex in log2 LR, with a {level} bootstrap interval over seeds and evaluation "
-           "batches; (edge): the best grid point is an end of the LR grid, so the optimum may lie outside it.")
-    if axis in LAW_AXES:
-        return (f"Goal: a power law log2 LR* = a - beta log2 {axis}, fitted to the optima at all but the largest "
-                f"{axis}, predicts the optimum there within +-{goal} octave ({level} interval of the residual). "
+    knob = v.get("knob", "LR")
+    how = (f"Optimum: parabola vertex in log2 {knob}, with a {level} bootstrap interval over seeds and evaluation "
+           f"batches; (edge): the best grid point is an end of the {knob} grid, so the optimum may lie outside it.")
+    if axis in LAW_AXES and (v.get("law") or {}).get("timescale"):
+        return (f"Goal: the weight-decay timescale rule (lambda x eta x T constant at the fixed LR: the optimum "
+                f"falls as 1 / steps), fitted to the optima at all but the largest {axis}, predicts the optimum "
+                f"there within +-{goal} octave ({level} interval of the residual); the free power law beside it. "
                 + how)
+    if axis in LAW_AXES:
+        return (f"Goal: a power law log2 {knob}* = a - beta log2 {axis}, fitted to the optima at all but the "
+                f"largest {axis}, predicts the optimum there within +-{goal} octave ({level} interval of the "
+                "residual). " + how)
     return (f"Goal: the drift of the optimum (largest {axis} minus smallest, span {fmt(v.get('span'))}x) within "
             f"+-{goal} octave for the tested variant ({level} interval); the {CONTROL} control must drift outside "
             "it. " + how)
@@ -131,7 +140,7 @@ def optima_table(v: dict, axis: str, values: list[str]) -> Table:
     for name, info in (v.get("variants") or {}).items():
         per_value = info.get("values") or {}
         row = [name + (" (tested)" if name == v.get("primary") else " (control)" if name == CONTROL else "")]
-        row += [optimum_cell(per_value.get(x) or {}) for x in values]
+        row += [optimum_cell(per_value.get(x) or {}, v.get("grid_key", "lr_log2")) for x in values]
         row += [est_cell(info.get("drift")), est_cell(info.get("shift")), est_cell(info.get("slope"))]
         if name in decided:
             row.append(str(decided[name].get("outcome", "-")).upper())
@@ -141,15 +150,16 @@ def optima_table(v: dict, axis: str, values: list[str]) -> Table:
         else:
             row.append("-")
         rows.append(row)
-    headers = ["variant", *[f"optimum LR, {axis} {x}" for x in values], "drift (octaves)", "shift (octaves)",
-               "slope (octaves per doubling)", "drift within goal"]
+    knob = v.get("knob", "LR")
+    headers = ["variant", *[f"optimum {knob}, {axis} {x}" for x in values], "drift (octaves)",
+               "shift (octaves)", "slope (octaves per doubling)", "drift within goal"]
     if not decided and not control:  # the law axes decide by the law, below
         headers, rows = headers[:-1], [row[:-1] for row in rows]
     return Table(headers, rows)
 
 
-def optimum_cell(o: dict) -> str:
-    cell = lr_cell(o)
+def optimum_cell(o: dict, key: str = "lr_log2") -> str:
+    cell = lr_cell(o, key)
     if o.get("at_edge"):
         cell += " (edge)"
     if o.get("method") == "grid argmin":
@@ -167,15 +177,23 @@ def law_blocks(v: dict, axis: str, values: list[str]) -> list:
     primary = v.get("primary")
     measured = (((v.get("variants") or {}).get(primary) or {}).get("values") or {}).get(hold) or {}
     prediction = fit.get("prediction") or {}
-    rows = [[f"beta (log2 LR* = a - beta log2 {axis})", est_cell(fit.get("beta"), sign=False)],
+    key, knob = v.get("grid_key", "lr_log2"), v.get("knob", "LR")
+    rule = laws.get("timescale") or {}
+    rows = [[f"beta (log2 {knob}* = a - beta log2 {axis})", est_cell(fit.get("beta"), sign=False)],
             ["a", est_cell(fit.get("a"), sign=False)],
-            [f"predicted optimum at {axis} {hold}", lr_cell({"lr_log2": prediction.get("estimate"),
-                                                             "ci": prediction.get("ci")})],
-            [f"measured optimum at {axis} {hold} ({primary})", lr_cell(measured)],
-            ["residual, measured - predicted (octaves)", est_cell(fit.get("residual"))],
-            [f"error of keeping the proxy's LR ({axis} {values[0] if values else '?'}) at {hold} (octaves)",
-             est_cell(laws.get("naive_error"))],
-            [f"residual within +-{fmt(v.get('goal_octaves'))} octave", str(decision.get("outcome", "-")).upper()]]
+            [f"predicted optimum at {axis} {hold}", lr_cell({key: prediction.get("estimate"),
+                                                             "ci": prediction.get("ci")}, key)],
+            [f"measured optimum at {axis} {hold} ({primary})", lr_cell(measured, key)],
+            ["residual, measured - predicted (octaves)", est_cell(fit.get("residual"))]]
+    if rule:
+        rows += [[f"timescale rule's prediction at {axis} {hold}",
+                  lr_cell({key: (rule.get("prediction") or {}).get("estimate"),
+                           "ci": (rule.get("prediction") or {}).get("ci")}, key)],
+                 ["timescale rule's residual (octaves)", est_cell(rule.get("residual"))]]
+    rows += [[f"error of keeping the proxy's {knob} ({axis} {values[0] if values else '?'}) at {hold} (octaves)",
+              est_cell(laws.get("naive_error"))],
+             [f"{'timescale rule' if rule else 'residual'} within +-{fmt(v.get('goal_octaves'))} octave",
+              str(decision.get("outcome", "-")).upper()]]
     blocks: list = [Table([f"power law fitted below {axis} {hold}", "estimate [interval]"], rows)]
     if fit.get("reason"):
         blocks.append(Para(f"Power law: {fit['reason']}."))

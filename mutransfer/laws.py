@@ -43,6 +43,9 @@ def law_from_verdict(verdict: dict, config: dict, source: str) -> dict:
     axis = verdict.get("axis")
     if axis not in ("steps", "batch_size"):
         raise ConfigError(f"{source}: a law comes from a transfer check along steps or batch_size, not {axis!r}")
+    if verdict.get("tune", "lr") != "lr":
+        raise ConfigError(f"{source}: a check that tuned {verdict.get('knob', verdict.get('tune'))!r} carries no LR "
+                          "law; attach a check that tuned the LR (transfer.tune = 'lr')")
     fit = (verdict.get("law") or {}).get("law") or {}
     beta, a = fit.get("beta") or {}, fit.get("a") or {}
     if beta.get("estimate") is None or a.get("estimate") is None:

@@ -516,14 +516,15 @@ def exit_status(outcome: str) -> int:
 
 
 def fit_power_law(axis_values, per_value_samples, holdout: float | None = None, holdout_samples=None,
-                  level: float = DEFAULT_LEVEL) -> dict:
+                  level: float = DEFAULT_LEVEL, beta: float | None = None) -> dict:
     """log2 LR*(T) = a - beta * log2 T through the optima at the (shorter) axis values.
 
     For token horizons and batch sizes, where the optimum moves by design: fit on the short
     values, predict a longer one. Each bootstrap draw of the optima gives a draw of (a, beta), so
     the intervals on beta and on the prediction at ``holdout`` carry the optima's noise. With
     holdout_samples (a bootstrap_optimum result at the held-out value) also the residual
-    measured - predicted and its interval: it contains 0 when the law extrapolates.
+    measured - predicted and its interval: it contains 0 when the law extrapolates. With ``beta``
+    given the exponent is a rule's, not fitted (only a is; beta's interval is then the point).
     """
     axis, est, samples, results, reason, plan = _per_value(axis_values, per_value_samples)
     out = {"axis_values": axis.tolist(), "level": level, "holdout": holdout, "status": plan["status"],
@@ -533,7 +534,10 @@ def fit_power_law(axis_values, per_value_samples, holdout: float | None = None, 
     if samples is None:
         return out
     x = np.log2(axis)
-    slope, slope_s = float(_slope(x, est)), _slope(x, samples)
+    if beta is None:
+        slope, slope_s = float(_slope(x, est)), _slope(x, samples)
+    else:
+        slope, slope_s = -float(beta), np.full(samples.shape[0], -float(beta))
     a, a_s = est.mean() - slope * x.mean(), samples.mean(axis=1) - slope_s * x.mean()
     out.update(a=_summary(a, a_s, level, plan), beta=_summary(-slope, -slope_s, level, plan))
     if holdout is not None:

@@ -69,6 +69,10 @@ class TransferSettings(Config):
     lr_log2_low: float = -12.0
     lr_log2_high: float = -4.0
     lr_log2_step: Annotated[float, Field(gt=0)] = 1.0  # 1.0: the x2 grid
+    tune: Literal["lr", "weight_decay"] = "lr"  # what the grid varies; weight_decay: at the fixed hparams.lr
+    wd_log2_low: float = -6.0  # tune = "weight_decay": the grid of the base weight decay
+    wd_log2_high: float = 2.0
+    wd_log2_step: Annotated[float, Field(gt=0)] = 1.0
     seeds: PosInt = 2
     last_evals: PosInt = 1
     goal_octaves: Annotated[float, Field(gt=0)] | None = None  # allowed drift/residual; default by axis
@@ -87,11 +91,14 @@ class TransferSettings(Config):
             raise ValueError(f"values = {self.values} must be ascending without repeats")
         if not self.parametrizations:
             raise ValueError("parametrizations: give at least one")
-        if not self.lr_log2_low < self.lr_log2_high:
-            raise ValueError(f"lr_log2_low = {self.lr_log2_low} must be below lr_log2_high = {self.lr_log2_high}")
-        steps = (self.lr_log2_high - self.lr_log2_low) / self.lr_log2_step
+        prefix = self.grid_key.removesuffix("_log2")
+        low, high, step = (getattr(self, f"{prefix}_log2_{k}") for k in ("low", "high", "step"))
+        if not low < high:
+            raise ValueError(f"{prefix}_log2_low = {low} must be below {prefix}_log2_high = {high}")
+        steps = (high - low) / step
         if abs(steps - round(steps)) > 1e-9 or round(steps) < 2:
-            raise ValueError("lr_log2_high - lr_log2_low must be a whole number (>= 2) of lr_log2_step")
+            raise ValueError(f"{prefix}_log2_high - {prefix}_log2_low must be a whole number (>= 2) of "
+                             f"{prefix}_log2_step")
         if self.axis == "batch_size" and self.tokens is None:
             raise ValueError("axis = 'batch_size' needs tokens (the fixed token budget of every run)")
         if self.axis in ("steps", "batch_size") and len(self.values) < 3:
@@ -102,6 +109,19 @@ class TransferSettings(Config):
     @property
     def goal(self) -> float:
         return self.goal_octaves if self.goal_octaves is not None else DEFAULT_GOALS[self.axis]
+
+    @property
+    def grid_key(self) -> str:
+        """The record field of the grid's coordinate: ``lr_log2`` or ``wd_log2``."""
+        return "lr_log2" if self.tune == "lr" else "wd_log2"
+
+    @property
+    def grid(self) -> list[float]:
+        """The grid's log2 values, ascending."""
+        prefix = self.grid_key.removesuffix("_log2")
+        low, high, step = (getattr(self, f"{prefix}_log2_{k}") for k in ("low", "high", "step"))
+        n = int(round((high - low) / step)) + 1
+        return [low + i * step for i in range(n)]
 
 
 # The transfer-check file's own table, for ``mutransfer schema`` (the rest are a sweep file's).
@@ -126,10 +146,14 @@ class TransferSpec:
             settings, shape, data, train, hparams, raw
 
     @property
-    def lr_log2(self) -> list[float]:
-        s = self.settings
-        n = int(round((s.lr_log2_high - s.lr_log2_low) / s.lr_log2_step)) + 1
-        return [s.lr_log2_low + i * s.lr_log2_step for i in range(n)]
+    def grid(self) -> list[float]:
+        """log2 of the tuned hyperparameter (the base LR, or the base weight decay), ascending."""
+        return self.settings.grid
+
+    def hparams_at(self, x: float) -> HParams:
+        """The base hyperparameters of one grid point."""
+        field = "lr" if self.settings.tune == "lr" else "weight_decay"
+        return updated(self.hparams, "hparams", **{field: 2.0**x})
 
     @property
     def variants(self) -> list[Variant]:
@@ -195,8 +219,14 @@ def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
     hp_table = data.get("hparams", {})
     if not isinstance(hp_table, dict):
         raise ConfigError("hparams: expected a table")
-    if "lr" in hp_table:
+    if settings.tune == "lr" and "lr" in hp_table:
         raise ConfigError("hparams.lr: the LR is the grid's (transfer.lr_log2_*); remove it")
+    if settings.tune == "weight_decay":
+        if "weight_decay" in hp_table:
+            raise ConfigError("hparams.weight_decay: the weight decay is the grid's (transfer.wd_log2_*); remove it")
+        if "lr" not in hp_table:
+            raise ConfigError("hparams.lr: transfer.tune = 'weight_decay' holds the base LR fixed; give it "
+                              "(e.g. the optimum of an LR check at the smallest value)")
     shape = shape_from_config({k: data[k] for k in ("model", "param") if k in data}, "transfer")
     data_table = data.get("data", {})
     if not isinstance(data_table, dict) or sorted(set(data_table) - {"spec"}):
@@ -218,23 +248,32 @@ def load_transfer_spec(path, overrides=()) -> TransferSpec:
 # ---------------------------------------------------------------- runs
 
 
-def run_key(r: dict) -> tuple:
-    return (r["variant"], int(r["value"]), float(r["lr_log2"]), int(r["seed"]))
+def run_key(r: dict, grid_key: str = "lr_log2") -> tuple:
+    return (r["variant"], int(r["value"]), float(r[grid_key]), int(r["seed"]))
 
 
 def read_runs(out_dir) -> list[dict]:
     return read_jsonl(Path(out_dir) / RUNS_FILE)
 
 
-def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, lr_log2: float, seed: int) -> dict:
+def grid_record(spec: TransferSpec, variant: Variant, value: int, x: float, seed: int) -> dict:
+    """The fields that name one grid point of a run record (the LR, and the weight decay when tuned)."""
+    hp = spec.hparams_at(x)
+    tuned_lr = spec.settings.tune == "lr"
+    record = {"variant": variant.name, "parametrization": variant.parametrization, "axis": spec.settings.axis,
+              "value": value, "lr_log2": x if tuned_lr else math.log2(hp.lr), "lr": hp.lr, "seed": seed}
+    if not tuned_lr:
+        record.update(wd_log2=x, weight_decay=hp.weight_decay)
+    return record
+
+
+def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, x: float, seed: int) -> dict:
     shape = spec.shape_at(variant, value)
-    hp = updated(spec.hparams, "hparams", lr=2.0**lr_log2)
+    hp = spec.hparams_at(x)
     base = spec.train_at(value)
     tc = updated(base, "train", seed=base.seed + seed, data_seed=base.data_seed + seed)
-    record = {"variant": variant.name, "parametrization": variant.parametrization, "axis": spec.settings.axis,
-              "value": value, "lr_log2": lr_log2, "lr": 2.0**lr_log2, "seed": seed,
-              "width": shape.model.d_model, "depth": shape.model.n_layers, "steps": tc.steps,
-              "batch_size": tc.batch_size}
+    record = {**grid_record(spec, variant, value, x, seed), "width": shape.model.d_model,
+              "depth": shape.model.n_layers, "steps": tc.steps, "batch_size": tc.batch_size}
     start = time.perf_counter()
     try:
         result = train_proxy(shape, hp, tc, dataset)
@@ -251,7 +290,8 @@ def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, lr_log2: 
 
 
 def _chain(args) -> list[dict]:
-    """One (variant, axis value, seed): LRs ascending, stop training after the first divergence."""
+    """One (variant, axis value, seed): grid ascending; along the LR, stop training after the first
+    divergence (a larger LR diverges too); weight decay has no such order, so every point trains."""
     out_dir, raw, variant_dict, value, seed, todo, threads = args
     import torch
 
@@ -261,25 +301,25 @@ def _chain(args) -> list[dict]:
     spec = spec_from_mapping(raw)
     variant = Variant(**variant_dict)
     dataset = open_dataset(spec.data, spec.shape.model.tokenizer)
-    done = {run_key(r): r for r in read_runs(out_dir)}
+    key_of = spec.settings.grid_key
+    done = {run_key(r, key_of): r for r in read_runs(out_dir)}
     diverged_at = None
+    ordered = spec.settings.tune == "lr"
     records = []
-    for x in spec.lr_log2:
+    for x in spec.grid:
         key = (variant.name, value, float(x), seed)
         if key in done:
-            if done[key]["status"] == "diverged":
+            if ordered and done[key]["status"] == "diverged":
                 diverged_at = x if diverged_at is None else diverged_at
             continue
         if key not in todo:
             continue
         if diverged_at is not None:
-            record = {"variant": variant.name, "parametrization": variant.parametrization,
-                      "axis": spec.settings.axis, "value": value, "lr_log2": x, "lr": 2.0**x, "seed": seed,
-                      "status": "diverged", "loss": None, "seconds": 0.0,
-                      "reason": f"not run: diverged at the smaller lr 2^{diverged_at:g}"}
+            record = {**grid_record(spec, variant, value, x, seed), "status": "diverged", "loss": None,
+                      "seconds": 0.0, "reason": f"not run: diverged at the smaller lr 2^{diverged_at:g}"}
         else:
             record = one_run(spec, dataset, variant, value, x, seed)
-            if record["status"] == "diverged":
+            if ordered and record["status"] == "diverged":
                 diverged_at = x
         append_run(out_dir, record)
         records.append(record)
@@ -321,27 +361,29 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
                               f"{dataset.fingerprint[:16]}...; use another --out or pass --allow-data-change")
     out.mkdir(parents=True, exist_ok=True)
     write_json(config_path, {"spec_file": str(Path(path).resolve()), "overrides": list(overrides),
-                             "data_fingerprint": dataset.fingerprint, "lr_log2": spec.lr_log2,
+                             "data_fingerprint": dataset.fingerprint, "tune": spec.settings.tune,
+                             "grid_key": spec.settings.grid_key, "grid": spec.grid,
                              "definition": _definition(spec), "spec": spec.raw})
     write_json(out / "environment.json", environment())
 
     s = spec.settings
-    done = {run_key(r) for r in read_runs(out)}
+    done = {run_key(r, s.grid_key) for r in read_runs(out) if s.grid_key in r}
     chains = []
     for v in spec.variants:
         for value in s.values:
             for seed in range(s.seeds):
-                todo = {(v.name, value, float(x), seed) for x in spec.lr_log2} - done
+                todo = {(v.name, value, float(x), seed) for x in spec.grid} - done
                 if todo:
                     chains.append((v, value, seed, todo))
     chains.sort(key=lambda c: -c[1])  # the largest (slowest) first
-    total = len(spec.variants) * len(s.values) * s.seeds * len(spec.lr_log2)
+    total = len(spec.variants) * len(s.values) * s.seeds * len(spec.grid)
     threads = max(1, cpu_count() // workers)
     tasks = [(str(out), spec.raw, v.model_dump(), value, seed, todo, threads) for v, value, seed, todo in chains]
     start, finished = time.perf_counter(), total - sum(len(c[3]) for c in chains)
     if not quiet:
+        knob = "LRs" if s.tune == "lr" else "weight decays"
         print(f"transfer-check ({s.axis}): {len(spec.variants)} variants x {len(s.values)} values x "
-              f"{len(spec.lr_log2)} LRs x {s.seeds} seeds = {total} runs ({finished} already done), "
+              f"{len(spec.grid)} {knob} x {s.seeds} seeds = {total} runs ({finished} already done), "
               f"{workers} worker(s)", file=sys.stderr)
     if tasks:
         ctx = multiprocessing.get_context("spawn")

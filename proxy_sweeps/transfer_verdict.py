@@ -15,6 +15,10 @@ optimum log2 LR (parabola vertex) and its bootstrap interval (``optimum_stats``)
   optimum) is reported beside it. For the batch axis, the first value where a law fitted to the
   smaller ones stops predicting (residual outside the goal) is reported as the critical batch.
 
+Tuning weight decay instead (``transfer.tune = "weight_decay"``, at a fixed LR), the steps and
+batch axes are decided by the timescale rule (lambda eta T constant: log2 lambda* = c - log2 T,
+T the steps of the run, only c fitted) predicting the largest value; the free law beside it.
+
 Three outcomes: pass (interval inside the goal), fail (outside), inconclusive (straddles, or the
 data cannot give an interval: one seed, an optimum at the edge of the LR grid, too few points),
 with the number of extra seeds that would likely decide it. Exit status 0 / 1 / 3.
@@ -34,15 +38,15 @@ from proxy_sweeps import optimum_stats as stats
 CONTROL = "sp"
 
 
-def losses_table(runs: list[dict], xs: list[float]) -> np.ndarray:
-    """[seed, evaluation batch, LR] held-out losses (NaN where a run diverged or is missing)."""
+def losses_table(runs: list[dict], xs: list[float], grid_key: str = "lr_log2") -> np.ndarray:
+    """[seed, evaluation batch, grid point] held-out losses (NaN where a run diverged or is missing)."""
     seeds = sorted({int(r["seed"]) for r in runs})
     widths = {len(r.get("val_batches") or []) for r in runs if r["status"] == "ok"}
     n_batches = widths.pop() if len(widths) == 1 and 0 not in widths else 1
     table = np.full((len(seeds), n_batches, len(xs)), np.nan)
     col = {float(x): i for i, x in enumerate(xs)}
     for r in runs:
-        j = col.get(float(r["lr_log2"]))
+        j = col.get(float(r[grid_key])) if grid_key in r else None
         if j is None or r["status"] != "ok" or r.get("loss") is None:
             continue
         values = r.get("val_batches") if n_batches > 1 else [r["loss"]]
@@ -85,15 +89,15 @@ def _optimum(xs, table: np.ndarray, settings: dict, key: str) -> dict:
 
 
 def _variant_report(runs: list[dict], xs: list[float], values: list[int], settings: dict, variant: str) -> dict:
-    per_value, boots = {}, []
+    per_value, boots, key = {}, [], settings["grid_key"]
     for v in values:
         rs = [r for r in runs if int(r["value"]) == v]
-        table = losses_table(rs, xs) if rs else np.full((0, 1, len(xs)), np.nan)
+        table = losses_table(rs, xs, key) if rs else np.full((0, 1, len(xs)), np.nan)
         boot = _optimum(xs, table, settings, f"{variant}:{v}")
         boots.append(boot)
         fit = boot.get("fit") or {}
         per_value[str(v)] = {
-            "lr_log2": boot.get("estimate"), "ci": boot.get("ci"), "status": boot.get("status"),
+            key: boot.get("estimate"), "ci": boot.get("ci"), "status": boot.get("status"),
             "reason": boot.get("reason"), "method": fit.get("method"), "at_edge": fit.get("at_edge"),
             "loss": fit.get("loss"), "runs": len(rs), "diverged": sum(r["status"] == "diverged" for r in rs),
             "seeds": int(table.shape[0]), "eval_batches": int(table.shape[1]),
@@ -103,13 +107,12 @@ def _variant_report(runs: list[dict], xs: list[float], values: list[int], settin
     reasons = sorted({b.get("reason") for b in boots if b.get("status") == "inconclusive" and b.get("reason")})
     reason = "; ".join(reasons) or shift.get("reason")
     if shift.get("drift") is None:  # no interval (one seed, no bootstrap): the point estimates alone
-        shift = _points(per_value, values, reason)
+        shift = _points([per_value[str(v)][key] for v in values], values, reason)
     return {"values": per_value, "boots": boots, "shift": shift.get("shift"), "drift": shift.get("drift"),
             "slope": shift.get("slope"), "shift_status": shift.get("status"), "shift_reason": reason}
 
 
-def _points(per_value: dict, values: list[int], reason: str | None) -> dict:
-    est = [per_value[str(v)]["lr_log2"] for v in values]
+def _points(est: list[float | None], values: list[int], reason: str | None) -> dict:
     if any(e is None for e in est):
         return {"shift": None, "drift": None, "slope": None, "status": "inconclusive"}
     x = np.log2(np.asarray(values, dtype=float))
@@ -144,18 +147,30 @@ def _width_like(report: dict, settings: dict, values: list[int]) -> dict:
 
 
 def _law(report: dict, values: list[int], settings: dict) -> dict:
-    """Fit on all but the largest value, predict the largest; the naive 'keep the proxy LR' beside it."""
+    """Fit on all but the largest value, predict the largest; the naive 'keep the proxy's value' beside
+    it. Tuning weight decay, the timescale rule is judged too, and decides: lambda eta T constant at
+    the fixed LR, so log2 lambda* = c - log2 T with T the steps of the run (only c is fitted)."""
     boots = report["boots"]
     law = stats.fit_power_law(values[:-1], boots[:-1], holdout=values[-1], holdout_samples=boots[-1],
                               level=settings["confidence"])
-    residual = law.get("residual") or {"ci": None, "reason": law.get("reason")}
-    decided = stats.verdict(residual, settings["goal"], "within")
-    naive = report["drift"]
-    out = {"law": law, "decision": decided,
-           "naive_error": naive, "naive_note": "error of keeping the smallest value's optimum (the proxy's LR)"}
+    decided = _decide(law, settings)
+    knob = "LR" if settings["grid_key"] == "lr_log2" else "weight decay"
+    out = {"law": law, "decision": decided, "naive_error": report["drift"],
+           "naive_note": f"error of keeping the smallest value's optimum (the proxy's {knob})"}
+    if settings["grid_key"] == "wd_log2":
+        steps = settings["steps_per_run"]
+        rule = stats.fit_power_law(steps[:-1], boots[:-1], holdout=steps[-1], holdout_samples=boots[-1],
+                                   level=settings["confidence"], beta=1.0)
+        out.update(timescale=rule, decision=_decide(rule, settings),
+                   timescale_note="lambda x eta x T constant: lambda* proportional to 1 / steps at the fixed LR")
     if settings["axis"] == "batch_size":
         out["critical"] = _critical(values, boots, settings)
     return out
+
+
+def _decide(law: dict, settings: dict) -> dict:
+    residual = law.get("residual") or {"ci": None, "reason": law.get("reason")}
+    return stats.verdict(residual, settings["goal"], "within")
 
 
 def _critical(values: list[int], boots: list[dict], settings: dict) -> dict:
@@ -180,23 +195,26 @@ def judge(out_dir: str | Path, spec) -> dict:
     out = Path(out_dir)
     s = spec.settings
     settings = {"axis": s.axis, "goal": s.goal, "min_span": s.min_span, "confidence": s.confidence,
-                "bootstrap": s.bootstrap}
+                "bootstrap": s.bootstrap, "grid_key": s.grid_key,
+                "steps_per_run": [spec.train_at(v).steps for v in s.values]}
     runs = read_jsonl(out / "runs.jsonl")
-    xs = [float(x) for x in spec.lr_log2]
+    xs = [float(x) for x in spec.grid]
     values = list(s.values)
     report = {}
     for variant in spec.variants:
         rs = [r for r in runs if r["variant"] == variant.name]
         report[variant.name] = _variant_report(rs, xs, values, settings, variant.name)
     verdict = {"axis": s.axis, "values": values, "span": values[-1] / values[0], "goal_octaves": settings["goal"],
-               "confidence": s.confidence, "bootstrap": s.bootstrap, "lr_log2": xs, "variants": {}}
+               "confidence": s.confidence, "bootstrap": s.bootstrap, "tune": s.tune, "grid_key": s.grid_key,
+               "knob": "LR" if s.tune == "lr" else "weight decay", "grid": xs, "variants": {}}
     if s.axis in ("width", "depth"):
         decision = _width_like(report, settings, values)
     else:
         tested = next((v for v in report if v != CONTROL), next(iter(report)))
         laws = _law(report[tested], values, settings)
+        what = "the timescale rule (lambda eta T constant)" if "timescale" in laws else "the power law"
         decision = {**laws["decision"], "primary": tested,
-                    "reasons": [f"{tested}: the power law fitted below {values[-1]} predicts the optimum at "
+                    "reasons": [f"{tested}: {what} fitted below {values[-1]} predicts the optimum at "
                                 f"{values[-1]}: {laws['decision']['reason']}"]}
         verdict["law"] = laws
     for name, rep in report.items():
@@ -219,11 +237,12 @@ def _octaves(o: dict | None) -> str:
 
 def format_verdict(verdict: dict) -> str:
     level = int(round(100 * verdict["confidence"]))
-    lines = [f"optimum log2 LR by {verdict['axis']} (parabola vertex, {level} % bootstrap interval):"]
+    key, knob = verdict.get("grid_key", "lr_log2"), verdict.get("knob", "LR")
+    lines = [f"optimum log2 {knob} by {verdict['axis']} (parabola vertex, {level} % bootstrap interval):"]
     for name, info in verdict["variants"].items():
         cells = []
         for v, o in info["values"].items():
-            x, ci = o["lr_log2"], o["ci"]
+            x, ci = o[key], o["ci"]
             cell = "-" if x is None else f"{x:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
             cells.append(f"{v}: {cell}" + (" (edge)" if o.get("at_edge") else ""))
         lines.append(f"{name:>10}: " + "; ".join(cells))
@@ -234,8 +253,12 @@ def format_verdict(verdict: dict) -> str:
         fit = law["law"]
         lines.append(f"power law fitted below {verdict['values'][-1]}: beta {_octaves(fit.get('beta'))}, "
                      f"prediction at {verdict['values'][-1]} {_octaves(fit.get('prediction'))}, "
-                     f"residual {_octaves(fit.get('residual'))}; keep-the-proxy-LR error "
+                     f"residual {_octaves(fit.get('residual'))}; keep-the-proxy's-{knob} error "
                      f"{_octaves(law.get('naive_error'))}")
+        rule = law.get("timescale")
+        if rule:
+            lines.append(f"timescale rule (lambda eta T constant) fitted below {verdict['values'][-1]}: prediction "
+                         f"{_octaves(rule.get('prediction'))}, residual {_octaves(rule.get('residual'))}")
         if law.get("critical"):
             lines.append(f"critical batch: {law['critical']['note']}")
     extra = verdict.get("extra_seeds_needed")

@@ -25,14 +25,15 @@ TRAIN = {"steps": 16, "batch_size": 4, "seq_len": 32, "warmup": 2, "eval_every":
          "eval_batch_size": 4}
 
 
-def spec(axis: str, values: list[int], **transfer):
+def spec(axis: str, values: list[int], hparams: dict | None = None, **transfer):
     table = {"axis": axis, "values": values, "lr_log2_low": -10.0, "lr_log2_high": -2.0, "lr_log2_step": 1.0,
              "seeds": 4, "min_span": 2.0, **transfer}
     train = dict(TRAIN)
     if axis == "batch_size":
         table.setdefault("tokens", 4 * 32 * 64)
         train["micro_batch_size"] = 4
-    return spec_from_mapping({"transfer": table, "model": {"preset": "tiny"}, "train": train})
+    return spec_from_mapping({"transfer": table, "model": {"preset": "tiny"}, "train": train,
+                              "hparams": hparams or {}})
 
 
 def write_runs(out, s, optimum, noise: float = 0.01, seed: int = 0, batches: int = 4) -> None:
@@ -45,16 +46,16 @@ def write_runs(out, s, optimum, noise: float = 0.01, seed: int = 0, batches: int
             for value in s.settings.values:
                 for sd in range(s.settings.seeds):
                     shift = rng.normal(0, noise)
-                    for x in s.lr_log2:
+                    for x in s.grid:
                         clean = 2.0 + 0.03 * (x - optimum(v.name, value)) ** 2 + shift
                         vals = list(clean + rng.normal(0, noise, size=batches))
                         f.write(json.dumps({"variant": v.name, "parametrization": v.parametrization,
-                                            "value": value, "lr_log2": x, "seed": sd, "status": "ok",
+                                            "value": value, s.settings.grid_key: x, "seed": sd, "status": "ok",
                                             "loss": float(np.mean(vals)), "val_batches": vals}) + "\n")
 
 
-def verdict_for(tmp_path, axis, values, optimum, noise=0.01, **transfer):
-    s = spec(axis, values, **transfer)
+def verdict_for(tmp_path, axis, values, optimum, noise=0.01, hparams=None, **transfer):
+    s = spec(axis, values, hparams, **transfer)
     write_runs(tmp_path, s, optimum, noise)
     return judge(tmp_path, s)
 
@@ -143,6 +144,70 @@ def test_a_law_that_breaks_fails_and_batch_names_the_critical_value(tmp_path, ax
     assert v["outcome"] == "fail"
     if axis == "batch_size":
         assert v["law"]["critical"]["critical_value"] in values[-2:]
+
+
+# --- weight decay along the horizon: the timescale rule (lambda eta T constant) against a free fit ----
+
+
+WD = {"tune": "weight_decay", "wd_log2_low": -8.0, "wd_log2_high": 2.0, "wd_log2_step": 1.0}
+
+
+def test_weight_decay_that_follows_the_timescale_rule_passes(tmp_path):
+    values = [60, 120, 240, 480]
+    timescale = lambda name, v: -1.0 - math.log2(v / values[0])  # noqa: E731 -- lambda* ~ 1/T at a fixed LR
+    v = verdict_for(tmp_path, "steps", values, timescale, hparams={"lr": 0.01}, **WD)
+    assert v["tune"] == "weight_decay" and v["grid_key"] == "wd_log2"
+    assert v["outcome"] == "pass", v["reasons"]
+    assert "timescale rule" in v["reasons"][0]
+    rule, free = v["law"]["timescale"], v["law"]["law"]
+    assert rule["beta"]["estimate"] == 1.0 and rule["residual"]["ci"][0] <= 0 <= rule["residual"]["ci"][1]
+    assert free["beta"]["ci"][0] <= 1.0 <= free["beta"]["ci"][1]  # the free fit finds the same exponent
+    assert v["law"]["naive_error"]["estimate"] == pytest.approx(-3.0, abs=0.3)  # keeping lambda: 3 octaves off
+    assert v["variants"]["mup"]["values"]["480"]["wd_log2"] == pytest.approx(-4.0, abs=0.2)
+
+
+def test_weight_decay_that_stays_put_fails_the_timescale_rule(tmp_path):
+    v = verdict_for(tmp_path, "steps", [60, 120, 240, 480], lambda name, v: -3.0, hparams={"lr": 0.01}, **WD)
+    assert v["outcome"] == "fail"
+    # the rule through 60..240 centres on 120, so it falls 2 octaves below the flat optimum at 480
+    assert v["law"]["timescale"]["residual"]["estimate"] == pytest.approx(2.0, abs=0.3)
+    free = v["law"]["law"]["residual"]  # the free fit (beta ~ 0) still predicts it: reported beside
+    assert free["ci"][0] <= 0 <= free["ci"][1]
+    from proxy_sweeps.transfer_verdict import format_verdict
+
+    assert "timescale rule (lambda eta T constant)" in format_verdict(v)
+
+
+def test_a_weight_decay_verdict_is_drawn_and_reported_as_weight_decay(tmp_path):
+    from analysis.report_document import Section, render_markdown
+    from analysis.report_transfer import verdict_blocks
+    from analysis.transfer import draw
+
+    values = [60, 120, 240, 480]
+    s = spec("steps", values, hparams={"lr": 0.01}, **WD)
+    write_runs(tmp_path, s, lambda name, v: -1.0 - math.log2(v / 60))
+    v = judge(tmp_path, s)
+    assert draw(tmp_path).stat().st_size > 0
+    text = render_markdown([Section("t", "t", verdict_blocks(v, seeds=4))], "t", "", "img", {})
+    assert "optimum weight decay, steps 480" in text and "2^-4.0" in text
+    assert "timescale rule's residual (octaves)" in text and "| timescale rule within +-0.35 octave | PASS |" in text
+    assert "optimum LR" not in text
+
+
+def test_a_weight_decay_check_needs_a_fixed_lr_and_carries_no_lr_law(tmp_path):
+    from mutransfer.laws import law_from_verdict
+
+    with pytest.raises(ConfigError, match=re.escape("hparams.lr: transfer.tune = 'weight_decay' holds")):
+        spec("steps", [60, 120, 240], **WD)
+    with pytest.raises(ConfigError, match=re.escape("hparams.weight_decay: the weight decay is the grid's")):
+        spec("steps", [60, 120, 240], hparams={"lr": 0.01, "weight_decay": 0.1}, **WD)
+    with pytest.raises(ConfigError, match=re.escape("wd_log2_low = 2.0 must be below wd_log2_high = -8.0")):
+        spec("steps", [60, 120, 240], hparams={"lr": 0.01}, **{**WD, "wd_log2_low": 2.0, "wd_log2_high": -8.0})
+    values = [60, 120, 240, 480]
+    s = spec("steps", values, hparams={"lr": 0.01}, **WD)
+    write_runs(tmp_path, s, lambda name, v: -1.0 - math.log2(v / 60))
+    with pytest.raises(ConfigError, match="carries no LR law"):
+        law_from_verdict(judge(tmp_path, s), {"spec": s.raw}, "wd")
 
 
 # --- bad axis values: refused before compute, naming the field -----------------------------------

@@ -41,6 +41,12 @@ def test_shipped_transfer_files_parse():
     assert set(tiny.settings.parametrizations) == {"mup", "sp"}
     proxy = load_transfer_spec(ROOT / "proxy_sweeps" / "lr_transfer_proxy.toml")
     assert proxy.settings.values[-1] / proxy.settings.values[0] >= 8
+    shipped = {p.stem: load_transfer_spec(p) for p in (ROOT / "proxy_sweeps").glob("*.toml")
+               if "[transfer]" in p.read_text()}
+    axes = {name: (s.settings.axis, s.settings.tune) for name, s in shipped.items()}
+    assert {("width", "lr"), ("depth", "lr"), ("steps", "lr"), ("batch_size", "lr"),
+            ("steps", "weight_decay")} <= set(axes.values()), axes
+    assert all(s.settings.values[-1] / s.settings.values[0] >= 8 for s in shipped.values())
 
 
 @pytest.mark.slow
@@ -111,3 +117,25 @@ def test_reduced_grid_trains_every_axis(tmp_path, axis):
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["axis"] == axis and verdict["outcome"] == "inconclusive"
     assert (out / "transfer.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_weight_decay_grid_trains_at_the_fixed_lr_and_resumes(tmp_path):
+    path = tmp_path / "wd.toml"
+    path.write_text(REDUCED.format(widths="[8, 16, 32]").replace('axis = "width"', 'axis = "steps"')
+                    .replace('parametrizations = ["mup", "sp"]',
+                             'parametrizations = ["mup"]\ntune = "weight_decay"\nwd_log2_low = -2\n'
+                             'wd_log2_high = 4\nwd_log2_step = 3\nwarmup_fraction = 0.25\nbootstrap = 0')
+                    + "[hparams]\nlr = 0.01\n")
+    out = tmp_path / "out"
+    assert main(["transfer-check", str(path), "--out", str(out), "--quiet"]) in (0, 1, 3)
+    runs = read_runs(out)
+    assert len(runs) == 3 * 3 and {r["status"] for r in runs} == {"ok"}
+    assert {r["lr"] for r in runs} == {0.01} and {r["weight_decay"] for r in runs} == {0.25, 2.0, 16.0}
+    assert sorted({r["steps"] for r in runs}) == [8, 16, 32]
+    at_32 = sorted((r["weight_decay"], r["loss"]) for r in runs if r["value"] == 32)
+    assert at_32[-1][1] > at_32[0][1] + 0.01  # lambda eta = 0.16 per step is felt: the decay is applied
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["tune"] == "weight_decay" and "timescale" in verdict["law"]
+    assert main(["transfer-check", str(path), "--out", str(out), "--quiet"]) in (0, 1, 3)
+    assert len(read_runs(out)) == len(runs)  # a rerun trains nothing again
