@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,13 +36,13 @@ from analysis.report_document import (
     render_markdown,
 )
 from analysis.report_hparams import lock_blocks, lock_files, training_lock_blocks
+from analysis.report_options import OPTIONS, OptionError, parse_options
 from analysis.report_runs import KIND_NAMES, NotARunDir, Run, find_runs
 from analysis.report_sweep import sweep_blocks
 from analysis.report_training import comparison_blocks, training_blocks
 from analysis.report_transfer import transfer_blocks
 
-__all__ = ["KIND_NAMES", "OPTIONS", "SECTIONS", "NotARunDir", "OptionError", "parse_options", "register", "run",
-           "write_report"]
+__all__ = ["KIND_NAMES", "OPTIONS", "SECTIONS", "NotARunDir", "OptionError", "parse_options", "run", "write_report"]
 
 SECTIONS = (
     ("inputs", "Inputs"),
@@ -62,12 +61,6 @@ EMPTY_HINT = {
     "frozen-hparams": "No lock file among the inputs (`mutransfer freeze DIR --out hparams.lock.json`).",
     "training": "No training run among the inputs (`mutransfer train CONFIG --out DIR`).",
 }
-# The report's options and their defaults: the keywords of write_report, and what --set KEY=VALUE may change.
-OPTIONS = {"title": "mutransfer report", "max_trial_rows": 10}
-
-
-class OptionError(ValueError):
-    """A --set that names no report option or gives it a value of the wrong kind."""
 
 
 # ---------------------------------------------------------------- the sections
@@ -147,47 +140,8 @@ def write_report(paths: list[str], out: str | Path, md: str | Path | None = None
 # ---------------------------------------------------------------- the command
 
 
-def parse_options(assignments: list[str], options: dict | None = None) -> dict:
-    """``KEY=VALUE`` assignments (values as TOML; a bare word is a string) over the options; raises
-    OptionError naming the key and the allowed ones."""
-    options = dict(options or OPTIONS)
-    allowed = ", ".join(OPTIONS)
-    for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        key = key.strip()
-        if not sep:
-            raise OptionError(f"--set {assignment!r}: expected KEY=VALUE, e.g. title=\"Width sweep\"; "
-                              f"keys: {allowed}")
-        if key not in OPTIONS:
-            raise OptionError(f"--set {key}: unknown report option {key!r}; allowed: {allowed}")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        if isinstance(OPTIONS[key], str):
-            value = value if isinstance(value, str) else text.strip()
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionError(f"--set {key}={text}: expected a positive whole number")
-        options[key] = value
-    return options
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report", help="one self-contained HTML page (and a Markdown twin) from run directories",
-        description="Detects each path's kind (coordinate check, sweep, transfer check, training run, lock "
-                    "file) from its files and writes one page; never re-runs anything.")
-    p.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories (or lock files) to report on")
-    p.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
-    p.add_argument("--md", help="Markdown twin (default: the --out path with .md; images in <name>_files/)")
-    p.add_argument("--title", default=OPTIONS["title"], help="page title (same as --set title=...)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a report option, the value in TOML (repeatable): "
-                        + ", ".join(f"{k} (default {v!r})" for k, v in OPTIONS.items()))
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
+    """``mutransfer report`` (its arguments: analysis.cli)."""
     try:
         options = parse_options(args.overrides, {**OPTIONS, "title": args.title})
         result = write_report(args.paths, args.out, args.md, **options)

@@ -76,7 +76,8 @@ def vs_mup(threads: int, repeats: int, recorders: list[str]) -> dict:
     from mup.coord_check import _get_coord_data, get_coord_data
 
     from mutransfer.build import build_model
-    from mutransfer.coord import CoordConfig, fixed_batches, run_coord_check
+    from mutransfer.coord import fixed_batches, run_coord_check
+    from mutransfer.coord_config import CoordConfig
     from mutransfer.data.builtin import builtin_dataset
     from mutransfer.optim import build_optimizers
 

@@ -2,7 +2,9 @@
 
 Core sub-commands (plan, data) live here; the outer packages (proxy_sweeps, full_scale,
 analysis) register theirs through the ``mutransfer.commands`` entry-point group, so the core
-never imports them. Exit status: 0 success, 1 a check that failed, 2 bad input.
+never imports them. Building the parser imports no torch, pandas or matplotlib (each command loads
+what it needs when it runs), so ``--help``, ``plan``, ``schema`` and ``report`` start in a moment.
+Exit status: 0 success, 1 a check that failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -140,6 +142,18 @@ def _would_be(fix: dict) -> float:
     return factor
 
 
+def _register_schema(sub) -> None:
+    p = sub.add_parser("schema", help="document every config table (Markdown) or print the JSON schemas")
+    p.add_argument("--json", action="store_true", help="the JSON schemas instead of Markdown")
+    p.set_defaults(func=_run_schema)
+
+
+def _run_schema(args) -> int:
+    from mutransfer.config_docs import run
+
+    return run(args)
+
+
 def _register_plugins(sub) -> None:
     for ep in sorted(entry_points(group="mutransfer.commands"), key=lambda e: e.name):
         try:
@@ -157,14 +171,13 @@ def _unavailable(name: str, error: Exception) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mutransfer.config_docs import register as register_schema
     from mutransfer.data.cli import register as register_data
 
     parser = argparse.ArgumentParser(prog="mutransfer", description="muP hyperparameter transfer toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_plan(sub)
     register_data(sub)
-    register_schema(sub)
+    _register_schema(sub)
     _register_plugins(sub)
     return parser
 

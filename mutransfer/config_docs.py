@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pydantic import BaseModel
 
 from mutransfer.config import HParams, ModelConfig, ParamConfig, ProxyTrain, TrainSettings
-from mutransfer.coord import CoordConfig
+from mutransfer.coord_config import CoordConfig
 from mutransfer.stages import LRSpec, PhaseTable, SourceTable, StageTable, SwitchSpec
 
 # The core's own tables; the outer packages add theirs through the entry points.
@@ -119,12 +119,7 @@ def json_schemas() -> dict:
     return {group: {title: cls.model_json_schema() for title, cls in tables} for group, tables in all_tables()}
 
 
-def register(sub) -> None:
-    p = sub.add_parser("schema", help="document every config table (Markdown) or print the JSON schemas")
-    p.add_argument("--json", action="store_true", help="the JSON schemas instead of Markdown")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
+    """``mutransfer schema [--json]`` (registered by mutransfer.cli)."""
     sys.stdout.write(json.dumps(json_schemas(), indent=1) + "\n" if args.json else markdown())
     return 0

@@ -14,10 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, apply_overrides, parse
-from mutransfer.coord import DEFAULT_LR, CoordConfig
+from mutransfer.coord_config import DEFAULT_LR, CoordConfig
 from mutransfer.rundir import environment, write_json
 
 
@@ -100,6 +98,8 @@ def auto_threads() -> int:
     """Threads for the cores other jobs leave free: on a shared CPU, OpenMP threads that wait for a
     busy core slow every small op down (measured: 342 s with 2 threads vs 83 s with 1 on two
     cores with a load of 4; 33 s vs 52 s when idle)."""
+    import torch
+
     try:
         busy = int(os.getloadavg()[0])  # whole cores kept busy by other jobs
     except (AttributeError, OSError):  # no load average on this platform
@@ -135,6 +135,7 @@ def rerun_command(cfg: CoordConfig, args) -> str:
 
 def run(args) -> int:
     import pandas as pd
+    import torch
 
     from analysis.coord import draw
     from mutransfer.coord import run_coord_check

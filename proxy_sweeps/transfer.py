@@ -57,6 +57,7 @@ AXES = ("width", "depth", "steps", "batch_size")
 # Octaves the optimum may move (width, depth: its drift over the span; horizon, batch: the fitted
 # law's error at the held-out largest value).
 DEFAULT_GOALS = {"width": 0.5, "depth": 0.5, "steps": 0.35, "batch_size": 0.35}
+PROGRESS_EVERY_S = 20.0  # a progress line at least this often while runs finish (a chain takes minutes)
 
 
 class TransferSettings(Config):
@@ -388,13 +389,23 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
     if tasks:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            for records in pool.imap_unordered(_chain, tasks):
-                finished += len(records)
-                if not quiet and records:
-                    r = records[0]
-                    elapsed = time.perf_counter() - start
-                    print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs; finished "
-                          f"{r['variant']} {s.axis} {r['value']} seed {r['seed']}", file=sys.stderr)
+            chains_left = pool.imap_unordered(_chain, tasks)
+            shown = finished
+            while True:
+                try:
+                    records = chains_left.next(timeout=PROGRESS_EVERY_S)
+                    note = "" if not records else (f"; finished {records[0]['variant']} {s.axis} "
+                                                   f"{records[0]['value']} seed {records[0]['seed']}")
+                except multiprocessing.TimeoutError:  # a chain is still running: count the runs it wrote
+                    records, note = [], ""
+                except StopIteration:
+                    break
+                done_now = len({run_key(r, s.grid_key) for r in read_runs(out) if s.grid_key in r})
+                finished = min(total, max(finished + len(records), done_now))
+                if not quiet and (finished > shown or note):
+                    shown, elapsed = finished, time.perf_counter() - start
+                    print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs{note}",
+                          file=sys.stderr)
     verdict = judge(out, spec)
     from analysis.transfer import draw
 

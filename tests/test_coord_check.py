@@ -16,7 +16,8 @@ import torch
 from mutransfer.build import build_model
 from mutransfer.cli import main
 from mutransfer.config import HParams
-from mutransfer.coord import CoordConfig, record_training
+from mutransfer.coord import record_training
+from mutransfer.coord_config import CoordConfig
 from mutransfer.data.builtin import builtin_dataset
 from proxy_sweeps.coord_verdict import fit_slope, slope_passes
 

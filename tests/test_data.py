@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from mutransfer.config import ConfigError
-from mutransfer.data import BUILTIN_NAME, TokenDataset, builtin_dataset, open_dataset, prepare_dataset
 from mutransfer.data import cli as data_cli
-from mutransfer.data.builtin import CORPUS_FILE
+from mutransfer.data.builtin import BUILTIN_NAME, CORPUS_FILE, builtin_dataset, open_dataset
+from mutransfer.data.dataset import TokenDataset
+from mutransfer.data.prepare import prepare_dataset
 from mutransfer.tokenizer import load_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()

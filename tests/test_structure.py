@@ -99,6 +99,19 @@ def test_analysis_report_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
+def test_the_command_line_is_built_without_torch_pandas_or_matplotlib():
+    """Every command registers without loading the heavy libraries (they load when a command runs)."""
+    code = ("import sys; from mutransfer.cli import build_parser; p = build_parser(); "
+            "heavy = [m for m in ('torch', 'pandas', 'matplotlib', 'optuna') if m in sys.modules]; "
+            "assert not heavy, heavy; "
+            "print(p.format_help())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "unavailable" not in done.stdout
+    for name in ("coord-check", "data", "freeze", "plan", "report", "schema", "sweep", "train", "transfer-check"):
+        assert name in done.stdout
+
+
 def test_private_optuna_names_live_in_one_module():
     pattern = re.compile(r"optuna[\w.]*\._\w|\._(study_id|trial_id|get_stale_trial_ids)\b")
     users = sorted(str(p.relative_to(ROOT)) for p in modules().values() if pattern.search(p.read_text()))

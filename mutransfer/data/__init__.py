@@ -1,7 +1,4 @@
-"""Token data: prepare text into shards, read them back with a deterministic sampler."""
+"""Token data: prepare text into shards (``prepare``), read them back with a deterministic sampler
+(``dataset``), the built-in corpus (``builtin``), and the ``data`` sub-commands (``cli``).
 
-from mutransfer.data.builtin import BUILTIN_NAME, builtin_dataset, open_dataset
-from mutransfer.data.dataset import TokenDataset
-from mutransfer.data.prepare import prepare_dataset
-
-__all__ = ["BUILTIN_NAME", "TokenDataset", "builtin_dataset", "open_dataset", "prepare_dataset"]
+Nothing is imported here, so ``mutransfer``'s command line can register ``data`` without torch."""
