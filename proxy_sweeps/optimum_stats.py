@@ -293,7 +293,7 @@ def bootstrap_optimum(xs, losses, n_boot: int = DEFAULT_BOOT, rng=0, level: floa
         return {**base, **_inconclusive(f"{n_s} seed: a bootstrap interval needs at least 2 seeds")}
     out = {**base, **_bootstrap(xs, arr, fit["lr_log2"], n_boot, _rng(rng), level)}
     if fit["at_edge"]:
-        out.update(_inconclusive("the optimum is at an end of the LR grid (it may lie outside): widen the grid"))
+        out.update(_inconclusive("the optimum is at an end of the grid (it may lie outside): widen the grid"))
     return out
 
 
