@@ -92,8 +92,7 @@ class TransferSettings(Config):
             raise ValueError(f"values = {self.values} must be ascending without repeats")
         if not self.parametrizations:
             raise ValueError("parametrizations: give at least one")
-        prefix = self.grid_key.removesuffix("_log2")
-        low, high, step = (getattr(self, f"{prefix}_log2_{k}") for k in ("low", "high", "step"))
+        prefix, low, high, step = self._grid_bounds()
         if not low < high:
             raise ValueError(f"{prefix}_log2_low = {low} must be below {prefix}_log2_high = {high}")
         steps = (high - low) / step
@@ -116,11 +115,15 @@ class TransferSettings(Config):
         """The record field of the grid's coordinate: ``lr_log2`` or ``wd_log2``."""
         return "lr_log2" if self.tune == "lr" else "wd_log2"
 
+    def _grid_bounds(self) -> tuple[str, float, float, float]:
+        """The tuned grid's field prefix (``lr`` or ``wd``) and its log2 low, high and step."""
+        prefix = self.grid_key.removesuffix("_log2")
+        return prefix, *(getattr(self, f"{prefix}_log2_{k}") for k in ("low", "high", "step"))
+
     @property
     def grid(self) -> list[float]:
         """The grid's log2 values, ascending."""
-        prefix = self.grid_key.removesuffix("_log2")
-        low, high, step = (getattr(self, f"{prefix}_log2_{k}") for k in ("low", "high", "step"))
+        _, low, high, step = self._grid_bounds()
         n = int(round((high - low) / step)) + 1
         return [low + i * step for i in range(n)]
 
