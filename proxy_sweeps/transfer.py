@@ -260,6 +260,11 @@ def read_runs(out_dir) -> list[dict]:
     return read_jsonl(Path(out_dir) / RUNS_FILE)
 
 
+def done_keys(out_dir, grid_key: str) -> set[tuple]:
+    """The grid points already recorded in DIR/runs.jsonl (``run_key``)."""
+    return {run_key(r, grid_key) for r in read_runs(out_dir) if grid_key in r}
+
+
 def grid_record(spec: TransferSpec, variant: Variant, value: int, x: float, seed: int) -> dict:
     """The fields that name one grid point of a run record (the LR, and the weight decay when tuned)."""
     hp = spec.hparams_at(x)
@@ -371,7 +376,7 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
     write_json(out / "environment.json", environment())
 
     s = spec.settings
-    done = {run_key(r, s.grid_key) for r in read_runs(out) if s.grid_key in r}
+    done = done_keys(out, s.grid_key)
     chains = []
     for v in spec.variants:
         for value in s.values:
@@ -394,17 +399,16 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
         with ctx.Pool(workers) as pool:
             chains_left = pool.imap_unordered(_chain, tasks)
             shown = finished
-            while True:
+            while True:  # runs.jsonl is the count: a chain appends each run before it returns
                 try:
                     records = chains_left.next(timeout=PROGRESS_EVERY_S)
                     note = "" if not records else (f"; finished {records[0]['variant']} {s.axis} "
                                                    f"{records[0]['value']} seed {records[0]['seed']}")
-                except multiprocessing.TimeoutError:  # a chain is still running: count the runs it wrote
-                    records, note = [], ""
+                except multiprocessing.TimeoutError:  # a chain is still running
+                    note = ""
                 except StopIteration:
                     break
-                done_now = len({run_key(r, s.grid_key) for r in read_runs(out) if s.grid_key in r})
-                finished = min(total, max(finished + len(records), done_now))
+                finished = min(total, len(done_keys(out, s.grid_key)))
                 if not quiet and (finished > shown or note):
                     shown, elapsed = finished, time.perf_counter() - start
                     print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs{note}",
