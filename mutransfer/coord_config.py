@@ -55,6 +55,7 @@ class CoordConfig(Config):
     data_seed: NonNegInt = 0
     fix_data: bool = True  # one batch at every step (mup's default); False: the batch of (data_seed, step)
     grad_clip: NonNegFloat = 0.0  # clipping by the global norm couples layers across widths; off by default
+    update_tokens: NonNegInt = 64  # tokens of the batch on which dW x is measured (evenly spaced); 0: all
     threshold: Annotated[float, Field(gt=0, lt=10)] = 0.1
     device: str = "cpu"
 

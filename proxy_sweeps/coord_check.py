@@ -28,7 +28,7 @@ def _ints(text: str) -> list[int]:
 
 # CLI flag -> CoordConfig field (flags left out keep the config's default).
 FLAGS = ("widths", "depths", "steps", "seeds", "lr", "optimizer", "param", "precision", "batch_size", "seq_len",
-         "data_seed", "grad_clip", "threshold", "device")
+         "data_seed", "grad_clip", "update_tokens", "threshold", "device")
 
 
 def register(subparsers) -> None:
@@ -57,6 +57,8 @@ def register(subparsers) -> None:
                    help="a new batch at every step (default: one batch repeated, mup's fix_data)")
     p.add_argument("--grad-clip", type=float, help="clip the global gradient norm (default: off; the norm couples "
                    "widths)")
+    p.add_argument("--update-tokens", type=int, help="tokens of the batch (evenly spaced) on which the update "
+                   f"effect dW x is measured; 0 = all (default: {CoordConfig().update_tokens})")
     p.add_argument("--threshold", type=float, help="largest allowed |slope| (default: 0.1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set any coord-check field, e.g. seeds=5 or fix_data=false (repeatable)")
@@ -127,7 +129,8 @@ def rerun_command(cfg: CoordConfig, args) -> str:
              "--steps", str(cfg.steps), "--seeds", str(cfg.seeds), "--lr", f"{cfg.lr:g}",
              "--optimizer", cfg.optimizer, "--param", cfg.param, "--precision", cfg.precision,
              "--batch-size", str(cfg.batch_size), "--seq-len", str(cfg.seq_len), "--data-seed", str(cfg.data_seed),
-             "--grad-clip", f"{cfg.grad_clip:g}", "--threshold", f"{cfg.threshold:g}"]
+             "--grad-clip", f"{cfg.grad_clip:g}", "--update-tokens", str(cfg.update_tokens),
+             "--threshold", f"{cfg.threshold:g}"]
     parts += ["--stream-data"] if not cfg.fix_data else []
     parts += ["--compare", args.compare] if args.compare else []
     return " ".join(parts)

@@ -6,13 +6,16 @@
   after a meta-device build; the complex-multiply rotation is the interleaved pairwise one.
 - RMSNorm on CPU: a hand-written backward, equal to autograd through ``F.rms_norm``.
 - AdamW: the fused kernel, equal to the default implementation, with per-group settings.
-- The coordinate-check recorder: dW x from the kept outputs equals dW x from weight copies.
+- The coordinate-check recorder: dW x from the kept outputs equals dW x from weight copies, on all
+  tokens or on a sample of them (which estimates the all-token size to a few percent); the attention
+  logits' statistics equal those of the gathered causal entries.
 - torch.compile (slow): the compiled model computes what the eager one does.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pandas as pd
 import pytest
@@ -195,27 +198,30 @@ def test_adamw_falls_back_where_the_fused_kernel_cannot_take_the_parameters():
 # ---------------------------------------------------------------- the coordinate-check recorder
 
 
-def test_recorder_update_effect_from_kept_outputs_equals_the_weight_copy_way(dataset, monkeypatch):
-    """dW x = W_after x - y (no weight copies) against (W_after - W_before) x (copies), to float rounding."""
+def _recorded(dataset, update_tokens: int = 0, precision: str = "fp32") -> pd.DataFrame:
+    """Records of 4 steps of tiny at widths 64 and 256 on one repeated batch of 4 x 64 tokens."""
     batches = [dataset.batch("train", 0, 0, 4, 64)] * 4
     hp = HParams()
+    out = []
+    for w in (64, 256):
+        shape = RunShape(model=at_width(TINY.model, w), param=TINY.param)
+        model = build_model(shape, hp, seed=0)
+        out += record_training(model, build_optimizers(model, shape, hp, "adamw"), batches, {"width": w},
+                               precision=precision, update_tokens=update_tokens)
+    return pd.DataFrame(out)
 
-    def records(precision="fp32"):
-        out = []
-        for w in (64, 256):
-            shape = RunShape(model=at_width(TINY.model, w), param=TINY.param)
-            model = build_model(shape, hp, seed=0)
-            out += record_training(model, build_optimizers(model, shape, hp, "adamw"), batches, {"width": w},
-                                   precision=precision)
-        return pd.DataFrame(out)
 
+@pytest.mark.parametrize("update_tokens", [0, 64])
+def test_recorder_update_effect_from_kept_outputs_equals_the_weight_copy_way(dataset, monkeypatch, update_tokens):
+    """dW x = W_after x - y (no weight copies) against (W_after - W_before) x (copies), to float rounding,
+    on every token (0) and on 64 of the batch's 256."""
     kept = []
     real = coord.weights_before
     monkeypatch.setattr(coord, "weights_before", lambda m, rec=None: kept.append(len(rec.outputs)) or real(m, rec))
-    fast = records()
+    fast = _recorded(dataset, update_tokens)
     assert min(kept) == 4 * 7 + 1  # every linear layer and the readout: no weight copied
     monkeypatch.setattr(coord, "_exact_float32_linear", lambda *args: False)
-    slow = records()
+    slow = _recorded(dataset, update_tokens)
     assert fast[["width", "step", "module", "kind", "statistic"]].equals(slow[["width", "step", "module", "kind",
                                                                                  "statistic"]])
     is_update = fast["kind"].str.startswith("dWx")
@@ -227,8 +233,48 @@ def test_recorder_update_effect_from_kept_outputs_equals_the_weight_copy_way(dat
     monkeypatch.undo()
     kept.clear()
     monkeypatch.setattr(coord, "weights_before", lambda m, rec=None: kept.append(len(rec.outputs)) or real(m, rec))
-    records("bf16")  # bf16 outputs cannot be compared with float32 products: the weights are copied
+    _recorded(dataset, update_tokens, "bf16")  # bf16 outputs cannot be compared with float32 products: copies
     assert max(kept) == 0
+
+
+def test_update_effect_on_a_token_sample_estimates_the_whole_batch(dataset):
+    """64 evenly spaced tokens of 256: activations untouched, every dW x size within 10 % of the
+    all-token one, and each layer's log2 slope over the two widths within 0.05 of it."""
+    whole, sample = _recorded(dataset, 0), _recorded(dataset, 64)
+    is_update = whole["kind"].str.startswith("dWx")
+    assert sample.loc[~is_update, "value"].equals(whole.loc[~is_update, "value"])
+    ratio = sample.loc[is_update, "value"].to_numpy() / whole.loc[is_update, "value"].to_numpy()
+    assert 0.9 < ratio.min() and ratio.max() < 1.1, (ratio.min(), ratio.max())
+    assert not (ratio == 1).all()  # a sample, not the whole batch again
+    log_ratio = pd.Series(ratio, index=whole.index[is_update]).pipe(lambda r: r.apply(math.log2))
+    keys = whole.loc[is_update, ["step", "module", "statistic"]]
+    by_width = log_ratio.groupby([keys["step"], keys["module"], keys["statistic"], whole.loc[is_update, "width"]]).sum()
+    slope_change = (by_width.xs(256, level=-1) - by_width.xs(64, level=-1)) / 2  # log2(256 / 64) = 2
+    assert slope_change.abs().max() < 0.05
+
+
+def test_sample_tokens_takes_evenly_spaced_rows():
+    rec = coord.Recorder(torch.nn.Identity(), {}, update_tokens=64)
+    x = torch.arange(4 * 64 * 3, dtype=torch.float32).view(4, 64, 3)
+    rows = rec.sample_tokens(x)
+    assert rows.shape == (64, 3) and rows.is_contiguous()
+    assert rows[:, 0].tolist() == [3.0 * i for i in range(0, 256, 4)]
+    assert rec.sample_tokens(x[:1]).shape == (64, 3)  # no more tokens than asked for: all of them
+    assert coord.Recorder(torch.nn.Identity(), {}).sample_tokens(x).shape == (256, 3)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 1)])
+def test_attention_logit_statistics_equal_those_of_the_gathered_causal_entries(heads, kv_heads):
+    class Attention(torch.nn.Module):
+        attn_scale = 0.125
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, heads, 20, 16, generator=g), torch.randn(3, kv_heads, 20, 16, generator=g)
+    logits = 0.125 * (q @ k.repeat_interleave(heads // kv_heads, dim=1).transpose(-2, -1))
+    causal = logits[..., torch.ones(20, 20, dtype=torch.bool).tril()]
+    stats = coord._stats(*coord.attention_logits(Attention(), q, k))
+    assert stats["l1"] == pytest.approx(causal.abs().mean().item(), rel=1e-5)
+    assert stats["rms"] == pytest.approx(causal.square().mean().sqrt().item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- torch.compile
