@@ -324,7 +324,7 @@ def _samples_of(item) -> tuple[float | None, np.ndarray | None, dict]:
 
 
 def _stack(per_value_samples) -> tuple[np.ndarray | None, np.ndarray | None, list[dict], str | None]:
-    """Estimates (V,), samples (B, V) paired draw by draw (independent across values), and the
+    """Estimates (V,), samples (B, V) paired draw by draw (``bootstrap_shift``), and the
     reasons of any value that is inconclusive (samples None when a value has none)."""
     items = [_samples_of(it) for it in per_value_samples]
     results = [r for _, _, r in items]
@@ -365,8 +365,11 @@ def bootstrap_shift(per_value_samples, axis_values, level: float = DEFAULT_LEVEL
     """Intervals on the shift (max - min of the optima), drift (last - first) and slope per doubling.
 
     per_value_samples: one bootstrap_optimum result (or 1-D sample array) per axis value, in the
-    order of axis_values. Draw b of every value makes draw b of the shift: the values were
-    resampled independently, so any pairing is a valid joint draw. The shift is a max - min and
+    order of axis_values. Draw b of every value makes draw b of the shift. When the values share
+    their seeds and evaluation batches (a crossed design: seed s is the same initialisation and
+    data at every value), resample them with the same draws (the same ``rng`` and table shape):
+    draw b then holds the same seeds everywhere and the interval keeps their common part; values
+    resampled independently pair into valid joint draws too, only wider. The shift is a max - min and
     is biased upward by noise (about 2 sd for four values with no true shift); its interval
     inherits that, so prefer the slope or drift to decide a trend. A value that is inconclusive
     (at a grid end, say) makes all three inconclusive, with intervals where samples exist.
@@ -549,7 +552,7 @@ def fit_power_law(axis_values, per_value_samples, holdout: float | None = None, 
 
 
 def _residual(prediction: dict, holdout_samples, level: float) -> dict:
-    """measured - predicted at the held-out value, paired draw by draw (independent runs)."""
+    """measured - predicted at the held-out value, paired draw by draw (``bootstrap_shift``)."""
     est, s, res = _samples_of(holdout_samples)
     if s is None or est is None:
         return _inconclusive(res.get("reason") or "no bootstrap samples at the held-out value")

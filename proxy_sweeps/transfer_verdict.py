@@ -19,6 +19,12 @@ Tuning weight decay instead (``transfer.tune = "weight_decay"``, at a fixed LR),
 batch axes are decided by the timescale rule (lambda eta T constant: log2 lambda* = c - log2 T,
 T the steps of the run, only c fitted) predicting the largest value; the free law beside it.
 
+The seeds are crossed with the axis: seed s is the same initialisation seed and data order at
+every value, and every run is scored on the same held-out batches. So one variant's values share
+one set of bootstrap draws (the same seeds and batches drawn for every value), and the drift,
+slope and law intervals keep what the values have in common -- a seed whose optimum lies high at
+every value moves the level, not the shift.
+
 Three outcomes: pass (interval inside the goal), fail (outside), inconclusive (straddles, or the
 data cannot give an interval: one seed, an optimum at the edge of the LR grid, too few points),
 with the number of extra seeds that would likely decide it. Exit status 0 / 1 / 3.
@@ -77,6 +83,8 @@ def _mean_curve(table: np.ndarray, n: int) -> np.ndarray:
 
 
 def _optimum(xs, table: np.ndarray, settings: dict, key: str) -> dict:
+    """The optimum and its bootstrap; ``key`` seeds the draws: one key per variant, so that values
+    with the same seeds and batches are resampled alike (module docstring)."""
     rng = zlib.crc32(key.encode())
     if settings["bootstrap"] == 0 or table.shape[0] < 2:
         fit = stats.fit_optimum(np.asarray(xs), _mean_curve(table, len(xs)))
@@ -93,7 +101,7 @@ def _variant_report(runs: list[dict], xs: list[float], values: list[int], settin
     for v in values:
         rs = [r for r in runs if int(r["value"]) == v]
         table = losses_table(rs, xs, key) if rs else np.full((0, 1, len(xs)), np.nan)
-        boot = _optimum(xs, table, settings, f"{variant}:{v}")
+        boot = _optimum(xs, table, settings, variant)
         boots.append(boot)
         fit = boot.get("fit") or {}
         per_value[str(v)] = {

@@ -36,18 +36,24 @@ def spec(axis: str, values: list[int], hparams: dict | None = None, **transfer):
                               "hparams": hparams or {}})
 
 
-def write_runs(out, s, optimum, noise: float = 0.01, seed: int = 0, batches: int = 4) -> None:
+def write_runs(out, s, optimum, noise: float = 0.01, seed: int = 0, batches: int = 4,
+               seed_optimum_sd: float = 0.0, crossed: bool = True) -> None:
     """Parabolic curves (0.03 nats per octave^2) around ``optimum(variant, value)``, plus per-seed and
-    per-evaluation-batch noise of size ``noise``."""
+    per-evaluation-batch noise of size ``noise``. ``seed_optimum_sd``: each seed's optimum is off by
+    a draw of that sd (octaves), the same draw at every axis value (``crossed``, as a seed's
+    initialisation and data are) or a fresh one per value."""
     rng = np.random.default_rng(seed)
+    offsets = rng.normal(0, seed_optimum_sd, size=s.settings.seeds)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / RUNS_FILE, "w") as f:
         for v in s.variants:
             for value in s.settings.values:
+                if not crossed:
+                    offsets = rng.normal(0, seed_optimum_sd, size=s.settings.seeds)
                 for sd in range(s.settings.seeds):
                     shift = rng.normal(0, noise)
                     for x in s.grid:
-                        clean = 2.0 + 0.03 * (x - optimum(v.name, value)) ** 2 + shift
+                        clean = 2.0 + 0.03 * (x - optimum(v.name, value) - offsets[sd]) ** 2 + shift
                         vals = list(clean + rng.normal(0, noise, size=batches))
                         f.write(json.dumps({"variant": v.name, "parametrization": v.parametrization,
                                             "value": value, s.settings.grid_key: x, "seed": sd, "status": "ok",
@@ -86,6 +92,26 @@ def test_noise_comparable_to_the_goal_is_inconclusive_with_a_seed_estimate(tmp_p
     v = verdict_for(tmp_path, "width", [32, 64, 128, 256], halfway, noise=0.02)
     assert v["outcome"] == "inconclusive" and v["exit_status"] == 3
     assert v["extra_seeds_needed"] is None or v["extra_seeds_needed"] > 0
+
+
+@pytest.mark.parametrize("crossed", [True, False])
+def test_a_seed_offset_common_to_every_width_moves_the_level_not_the_drift(tmp_path, crossed):
+    """Each seed's optimum off by ~0.6 octave: every single optimum is uncertain. Shared by all widths
+    (a seed is the same initialisation and data at every width), the offsets cancel in the drift and
+    the check passes; drawn afresh per width they are real noise in it and it cannot decide."""
+    s = spec("width", [32, 64, 128, 256])
+    write_runs(tmp_path, s, lambda n, w: -6.0 if n == "mup" else -6.0 - math.log2(w / 32), noise=0.002,
+               seed=1, seed_optimum_sd=0.6, crossed=crossed)
+    v = judge(tmp_path, s)
+    mup = v["variants"]["mup"]
+    drift = mup["drift"]["ci"]
+    if crossed:
+        assert v["outcome"] == "pass", v["reasons"]
+        assert drift[1] - drift[0] < 0.3
+        assert min(p["ci"][1] - p["ci"][0] for p in mup["values"].values()) > 2 * (drift[1] - drift[0])
+    else:
+        assert v["outcome"] == "inconclusive", v["reasons"]
+        assert drift[1] - drift[0] > 0.5
 
 
 def test_depth_reports_every_exponent_and_judges_the_one_that_drifts_least(tmp_path):
