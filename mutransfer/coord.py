@@ -28,7 +28,6 @@ from mutransfer.parametrization import role_of
 from mutransfer.presets import get_preset
 from mutransfer.step import train_step
 
-STATISTICS = ("l1", "rms")
 ACTIVATION_KINDS = ("embedding", "attn_out", "ffn_out", "residual", "attn_logits", "output_logits")
 UPDATE_KINDS = ("dWx.attn_qkv", "dWx.attn_out", "dWx.ffn_in", "dWx.ffn_out", "dWx.output")
 KINDS = ACTIVATION_KINDS + UPDATE_KINDS
@@ -80,7 +79,7 @@ def attention_logits(attention: nn.Module, q: torch.Tensor, k: torch.Tensor) -> 
     q, k = q.detach().float(), k.detach().float()
     b, h, t, d = q.shape
     group = h // k.shape[1]
-    q = q.view(b, k.shape[1], group, t, d)  # each KV head with its group of query heads: no copy of k
+    q = q.reshape(b, k.shape[1], group, t, d)  # each KV head with its group of query heads: no copy of k
     with torch.autocast(q.device.type, enabled=False):  # the hook runs inside bf16 autocast: stay fp32
         logits = (q @ k.unsqueeze(2).transpose(-2, -1)).mul_(attention.attn_scale)
     return logits.tril_(), b * h * t * (t + 1) // 2
