@@ -16,6 +16,7 @@ sqrt(mean x^2), both computed in float32.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -150,7 +151,8 @@ class Recorder:
         """``x`` (..., features) as (tokens, features): every token, or ``update_tokens`` evenly spaced ones."""
         x = x.flatten(0, -2)
         if self.update_tokens and x.shape[0] > self.update_tokens:
-            x = x[:: -(-x.shape[0] // self.update_tokens)].contiguous()
+            stride = math.ceil(x.shape[0] / self.update_tokens)
+            x = x[::stride].contiguous()
         return x
 
 
