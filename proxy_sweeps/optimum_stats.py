@@ -357,6 +357,18 @@ def _planning(results: list[dict], reason: str | None) -> dict:
 
 
 def _summary(estimate: float, samples: np.ndarray, level: float, plan: dict) -> dict:
+    """A derived statistic (shift, drift, slope, law coefficient, prediction, residual) with its interval.
+
+    Its variance parts are those of the optima it is made of, in their proportions (seed, batch,
+    interaction), rescaled to the statistic's own bootstrap variance: a difference or an
+    extrapolation of optima does not have the variance of their sum (shared draws cancel, a law's
+    prediction amplifies), and extra_seeds reads the parts against this statistic's interval.
+    """
+    parts = plan.get("variance_parts")
+    if parts and sum(parts) > 0 and plan.get("n_seeds") and plan.get("n_eval_batches"):
+        df = satterthwaite(parts, _level_dfs(plan["n_seeds"], plan["n_eval_batches"]))
+        scale = float(np.var(samples)) / t_scale(level, df) ** 2 / sum(parts)
+        plan = {**plan, "variance_parts": [p * scale for p in parts]}
     return {"estimate": float(estimate), "ci": _interval(samples, level), "samples": samples, "level": level,
             **plan}
 
@@ -558,7 +570,7 @@ def _residual(prediction: dict, holdout_samples, level: float) -> dict:
         return _inconclusive(res.get("reason") or "no bootstrap samples at the held-out value")
     n = min(len(s), len(prediction["samples"]))
     reason = res.get("reason") if res.get("status") == "inconclusive" else None
-    plan = _planning([res], reason)
+    plan = _planning([res, prediction], reason)  # the residual's noise is both sides'
     if prediction["status"] == "inconclusive":
         plan.update(status="inconclusive", reason=prediction["reason"])
     return _summary(est - prediction["estimate"], s[:n] - prediction["samples"][:n], level, plan)

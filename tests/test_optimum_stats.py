@@ -24,7 +24,9 @@ from proxy_sweeps.optimum_stats import (
     extra_seeds,
     fit_optimum,
     fit_power_law,
+    satterthwaite,
     t_quantile,
+    t_scale,
     verdict,
 )
 
@@ -216,6 +218,36 @@ def test_power_law_recovers_beta_and_predicts_the_held_out_optimum():
     assert lo <= truth[4] <= hi
     lo, hi = law["residual"]["ci"]
     assert lo <= 0.0 <= hi
+
+
+def test_a_derived_statistic_carries_its_own_variance_not_the_sum_of_its_values():
+    """A law's residual is noisy because the prediction extrapolates, not because the held-out optimum
+    is: its variance parts must say so, or extra_seeds calls the interval 'unstable fits' and sends
+    the user to a finer LR grid instead of more seeds (seen on the horizon check: parts summing to
+    0.0007 octave^2 for an interval 0.39 octave wide)."""
+    rng = np.random.default_rng(5)
+    horizons = [2.0**k for k in range(10, 14)]
+    truth = [-1.0 - 0.5 * math.log2(t) for t in horizons]
+    noise = [NOISY, NOISY, NOISY, SMALL]  # the held-out optimum much tighter than the fitted ones
+    res = [bootstrap_optimum(GRID, synthetic_losses(rng, x, 3, 4, **n), rng=rng)
+           for x, n in zip(truth, noise, strict=True)]
+    law = fit_power_law(horizons[:3], res[:3], holdout=horizons[3], holdout_samples=res[3])
+    for key in ("a", "beta", "prediction", "residual"):
+        stat = law[key]
+        df = satterthwaite(stat["variance_parts"], [2, 3, 6])
+        assert sum(stat["variance_parts"]) * t_scale(0.9, df) ** 2 == pytest.approx(np.var(stat["samples"]), rel=1e-9)
+    resid, held = law["residual"], res[3]
+    assert sum(resid["variance_parts"]) > 4 * sum(held["variance_parts"])
+    both = [a + b for a, b in zip(held["variance_parts"], law["prediction"]["variance_parts"], strict=True)]
+    assert resid["seed_var_share"] == pytest.approx((both[0] + both[2]) / sum(both))
+    lo, hi = resid["ci"]
+    goal = abs(lo + hi) / 2 + (hi - lo) / 4  # a goal edge inside the interval: the seed estimate is asked for
+    v = verdict(resid, goal, "within")
+    assert v["outcome"] == "inconclusive" and "unstable fits" not in v["reason"]
+    assert isinstance(v["extra_seeds_needed"], int) and v["extra_seeds_needed"] >= 1
+    # The old bookkeeping (the held-out value's parts alone) gave the unstable-fits note here.
+    old = {**resid, "variance_parts": held["variance_parts"]}
+    assert "unstable fits" in verdict(old, goal, "within")["reason"]
 
 
 def test_coord_slope_interval_covers_the_true_slope():
