@@ -232,8 +232,9 @@ def _resample_curves(losses: np.ndarray, n_boot: int, rng: np.random.Generator) 
             "batch": mean + batch_part, "inter": mean + inter_part}
 
 
-def _level_dfs(n_s: int, n_e: int) -> list[int]:
-    return [n_s - 1, n_e - 1, (n_s - 1) * (n_e - 1)]
+def _parts_df(parts: Sequence[float], n_s: int, n_e: int) -> float:
+    """Satterthwaite degrees of freedom of the seed, batch and interaction parts of n_s seeds x n_e batches."""
+    return satterthwaite(parts, [n_s - 1, n_e - 1, (n_s - 1) * (n_e - 1)])
 
 
 def _components(opt: dict[str, np.ndarray], n_s: int, n_e: int) -> tuple[list[float], float]:
@@ -244,7 +245,7 @@ def _components(opt: dict[str, np.ndarray], n_s: int, n_e: int) -> tuple[list[fl
     """
     v_seed, v_batch, v_inter = (float(np.var(opt[k])) for k in ("seed", "batch", "inter"))
     parts = [max(v_seed - v_inter, 0.0), max(v_batch - v_inter, 0.0), v_inter]
-    return parts, satterthwaite(parts, _level_dfs(n_s, n_e))
+    return parts, _parts_df(parts, n_s, n_e)
 
 
 def _seed_share(parts: list[float]) -> float:
@@ -366,7 +367,7 @@ def _summary(estimate: float, samples: np.ndarray, level: float, plan: dict) -> 
     """
     parts = plan.get("variance_parts")
     if parts and sum(parts) > 0 and plan.get("n_seeds") and plan.get("n_eval_batches"):
-        df = satterthwaite(parts, _level_dfs(plan["n_seeds"], plan["n_eval_batches"]))
+        df = _parts_df(parts, plan["n_seeds"], plan["n_eval_batches"])
         scale = float(np.var(samples)) / t_scale(level, df) ** 2 / sum(parts)
         plan = {**plan, "variance_parts": [p * scale for p in parts]}
     return {"estimate": float(estimate), "ci": _interval(samples, level), "samples": samples, "level": level,
@@ -434,8 +435,8 @@ def _half_width_factor(n: int, n_new: int, parts: list[float] | None, n_e: int, 
         return math.sqrt(n / n_new)
     new = [parts[0] * n / n_new, parts[1], parts[2] * n / n_new]
     p = 0.5 + level / 2
-    t_old = t_quantile(p, satterthwaite(parts, _level_dfs(n, n_e)))
-    t_new = t_quantile(p, satterthwaite(new, _level_dfs(n_new, n_e)))
+    t_old = t_quantile(p, _parts_df(parts, n, n_e))
+    t_new = t_quantile(p, _parts_df(new, n_new, n_e))
     return math.sqrt(sum(new) / sum(parts)) * t_new / t_old
 
 
@@ -452,7 +453,7 @@ def extra_seeds(lo: float, hi: float, goal: float, direction: str, seeds: int | 
     if dist <= 0:
         return None, "the interval is centred on the goal: more seeds are unlikely to decide it"
     if variance_parts and sum(variance_parts) > 0:
-        t = t_quantile(0.5 + level / 2, satterthwaite(variance_parts, _level_dfs(seeds, n_eval_batches)))
+        t = t_quantile(0.5 + level / 2, _parts_df(variance_parts, seeds, n_eval_batches))
         if t * math.sqrt(sum(variance_parts)) < half / 2:  # the parts do not explain the interval
             return None, ("the interval comes from unstable fits (a tail of far-off optima among the resamples), "
                           "not from noise that averages away: add seeds and evaluation batches, or narrow the "
