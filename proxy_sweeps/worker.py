@@ -127,10 +127,10 @@ def work(out_dir: str | Path, index: int, threads: int | None = None, storage_ur
         if trial == "wait":
             time.sleep(min(hb, 2.0))
             continue
-        trial.set_user_attr("worker", tag)
-        trial.set_user_attr("sampler_seed", seed)
-        trial.set_user_attr("retry_of", storage.get_trial(trial_id(trial)).system_attrs.get("failed_trial"))
-        try:
+        try:  # from here on a stop marks this trial interrupted: nothing leaves it RUNNING
+            trial.set_user_attr("worker", tag)
+            trial.set_user_attr("sampler_seed", seed)
+            trial.set_user_attr("retry_of", storage.get_trial(trial_id(trial)).system_attrs.get("failed_trial"))
             with Heartbeat(storage, trial_id(trial), hb):
                 state, value = run_trial(trial, spec, dataset, device)
             frozen = study.tell(trial, value, state=state) if value is not None else study.tell(trial, state=state)
