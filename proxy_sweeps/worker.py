@@ -5,8 +5,10 @@ storage. It reads DIR/config.json and pulls trials until the study's budget is s
 budget lock it fails trials whose heartbeat stopped (queuing their retries), then asks for the
 next trial -- a queued retry first, else a new point (re-asked while it duplicates an earlier
 trial's parameters) -- or waits while others run, or ends. SIGTERM/SIGINT: the running trial is
-marked interrupted and its retry queued (up to ``max_retries``), then the worker exits 130. When
-the sweep's main process dies, the worker stops the same way (it checks its parent).
+marked interrupted and its retry queued (up to ``max_retries``), then the worker exits 130; a stop
+that arrives while a trial is being handed out waits until the worker holds it, so no trial is
+left RUNNING with nobody to finish it. When the sweep's main process dies, the worker stops the
+same way (it checks its parent).
 """
 
 from __future__ import annotations
@@ -72,8 +74,33 @@ def next_trial(study: optuna.Study, storage, url: str, name: str, n_trials: int,
         return trial  # the space is exhausted of new points: run the last one rather than spin
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+class StopSignals:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, except inside ``held()``, which keeps a stop until
+    it ends: between Optuna's ask and the worker holding the trial a stop would leave it RUNNING."""
+
+    def __init__(self):
+        self.holding, self.pending = False, None
+
+    def install(self) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.holding:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        signum, self.pending = self.pending, None
+        if signum is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _watch_parent(parent: int) -> None:
@@ -104,7 +131,8 @@ def work(out_dir: str | Path, index: int, threads: int | None = None, storage_ur
 
     from mutransfer.data.builtin import open_dataset
 
-    signal.signal(signal.SIGTERM, _stop)
+    stops = StopSignals()
+    stops.install()
     if os.environ.get("MUTRANSFER_SWEEP_PARENT"):
         _watch_parent(int(os.environ["MUTRANSFER_SWEEP_PARENT"]))
     cfg = read_json(Path(out_dir) / CONFIG_FILE, "sweep config")
@@ -121,21 +149,25 @@ def work(out_dir: str | Path, index: int, threads: int | None = None, storage_ur
     space = distributions(spec)
     tag = f"{os.uname().nodename}:{os.getpid()}"
     while True:
-        trial = next_trial(study, storage, url, cfg["study"], cfg["trials"], max_retries, space)
-        if trial is None:
-            return 0
-        if trial == "wait":
-            time.sleep(min(hb, 2.0))
-            continue
-        try:  # from here on a stop marks this trial interrupted: nothing leaves it RUNNING
+        trial = None
+        try:  # a stop marks the trial this worker holds interrupted: nothing leaves it RUNNING
+            with stops.held():
+                trial = next_trial(study, storage, url, cfg["study"], cfg["trials"], max_retries, space)
+            if trial is None:
+                return 0
+            if trial == "wait":
+                time.sleep(min(hb, 2.0))
+                continue
             trial.set_user_attr("worker", tag)
             trial.set_user_attr("sampler_seed", seed)
             trial.set_user_attr("retry_of", storage.get_trial(trial_id(trial)).system_attrs.get("failed_trial"))
             with Heartbeat(storage, trial_id(trial), hb):
                 state, value = run_trial(trial, spec, dataset, device)
             frozen = study.tell(trial, value, state=state) if value is not None else study.tell(trial, state=state)
-        except KeyboardInterrupt:  # stopped: record it and queue the retry for the next run
-            interrupted(study, storage, url, cfg["study"], trial, max_retries)
+        except KeyboardInterrupt:  # stopped: record the trial held (if any) and queue its retry
+            if isinstance(trial, optuna.Trial):
+                with stops.held():  # a second stop must not cut the record short
+                    interrupted(study, storage, url, cfg["study"], trial, max_retries)
             return 130
         except optuna.exceptions.UpdateFinishedTrialError:
             # Our heartbeat lapsed (a stall longer than the grace period): another worker failed

@@ -110,6 +110,33 @@ def test_resumed_and_extended_random_sweep_never_repeats_a_point(tmp_path):
     assert len(study(out).user_attrs["invocations"]) == 2
 
 
+def test_a_stop_while_a_trial_is_handed_out_waits_until_the_worker_holds_it():
+    """Between Optuna's ask and the worker's try, a SIGTERM used to leave the trial RUNNING."""
+    import os
+
+    from proxy_sweeps.worker import StopSignals
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    stops = StopSignals()
+    try:
+        stops.install()
+        handed_out = []
+        with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGTERM)}"), stops.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            handed_out.append("trial")  # still runs: the stop waits for the end of held()
+        assert handed_out == ["trial"]
+        with stops.held():
+            pass  # the stop was delivered once, not kept for the next hand-out
+        reached = []
+        with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGINT)}"):
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("after")  # outside held() the stop is immediate
+        assert reached == []
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_sweep_stops_workers_exports_and_queues_retries(tmp_path):
 
