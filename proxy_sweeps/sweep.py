@@ -25,6 +25,7 @@ from mutransfer.config import ConfigError
 from mutransfer.rundir import cpu_count, environment, pick_device, write_json
 from proxy_sweeps import storage as st
 from proxy_sweeps.budget import account
+from proxy_sweeps.processes import STOP_SIGNALS, Stopped, raise_stopped
 from proxy_sweeps.spec import SweepSpec, grid_size, load_spec, resolved
 from proxy_sweeps.study import create_or_check, record_invocation
 from proxy_sweeps.worker import CONFIG_FILE, STORAGE_ENV
@@ -134,16 +135,6 @@ def prepare(spec_path, out_dir, storage=None, trials=None, study_name=None, over
     return {"cfg": cfg, "spec": spec, "url": url, "storage": store, "study": study, "plans": plans}
 
 
-class _Stop(Exception):
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-def _on_signal(signum, frame):
-    raise _Stop(signum)
-
-
 def run_sweep(spec_path, out_dir, storage: str | None = None, workers: int = 1, trials: int | None = None,
               study_name: str | None = None, gpus_per_trial: int = 0, quiet: bool = False,
               threads: int | None = None, overrides=(), allow_data_change: bool = False) -> int:
@@ -165,7 +156,7 @@ def run_sweep(spec_path, out_dir, storage: str | None = None, workers: int = 1, 
     procs = []
     start = time.perf_counter()
     stopped = None
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}
     try:
         for i, plan in enumerate(plans):
             env = {**os.environ, **plan["env"], STORAGE_ENV: url, "MUTRANSFER_SWEEP_PARENT": str(os.getpid())}
@@ -176,8 +167,8 @@ def run_sweep(spec_path, out_dir, storage: str | None = None, workers: int = 1, 
         while any(p.poll() is None for p, _ in procs):
             progress.show(progress_line(study, cfg["trials"], max_retries, time.perf_counter() - start))
             time.sleep(1.0)
-    except (_Stop, KeyboardInterrupt) as e:
-        stopped = e.signum if isinstance(e, _Stop) else signal.SIGINT
+    except (Stopped, KeyboardInterrupt) as e:
+        stopped = e.signum if isinstance(e, Stopped) else signal.SIGINT
         for s in old:  # a second signal must not cut the clean-up short
             signal.signal(s, signal.SIG_IGN)
         _stop_workers([p for p, _ in procs])

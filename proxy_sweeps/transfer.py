@@ -13,6 +13,8 @@ loss. The axis is one of
 
 Runs are appended to DIR/runs.jsonl as they finish, so an interrupted check continues where it
 stopped, and more seeds can be added later (``--seeds N``) without repeating the runs it has.
+SIGTERM/SIGINT stop the worker processes (the runs in progress are redone by the next call) and
+exit 128 + the signal; a worker whose main process is gone stops itself.
 Within one (variant, axis value, seed) the LRs run from small to large; once a run diverges, the
 larger LRs are recorded as diverged without training. Fits, intervals and the verdict:
 ``proxy_sweeps.transfer_verdict``; the figure: ``analysis.transfer``.
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ from mutransfer.plan import shape_from_config
 from mutransfer.presets import at_depth, at_width
 from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
 from mutransfer.training import Diverged, train_proxy
+from proxy_sweeps.processes import STOP_SIGNALS, Stopped, raise_stopped, watch_parent
 
 TABLES = ("transfer", "model", "param", "data", "train", "hparams")
 RUNS_FILE = "runs.jsonl"
@@ -346,6 +351,35 @@ def _definition(spec: TransferSpec) -> dict:
     return raw
 
 
+def _pool_worker(parent: int) -> None:
+    """A chain worker: Ctrl-C is the parent's to handle, and the worker ends when the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent(parent)
+
+
+def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: int, start: float,
+                quiet: bool) -> None:
+    """The chains on ``workers`` processes, a progress line at least every PROGRESS_EVERY_S."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_pool_worker, initargs=(os.getpid(),)) as pool:
+        chains_left = pool.imap_unordered(_chain, tasks)
+        shown = finished
+        while True:  # runs.jsonl is the count: a chain appends each run before it returns
+            try:
+                records = chains_left.next(timeout=PROGRESS_EVERY_S)
+                note = "" if not records else (f"; finished {records[0]['variant']} {s.axis} "
+                                               f"{records[0]['value']} seed {records[0]['seed']}")
+            except multiprocessing.TimeoutError:  # a chain is still running
+                note = ""
+            except StopIteration:
+                break
+            finished = min(total, len(done_keys(out, s.grid_key)))
+            if not quiet and (finished > shown or note):
+                shown, elapsed = finished, time.perf_counter() - start
+                print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs{note}",
+                      file=sys.stderr)
+
+
 def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(),
                        seeds: int | None = None, allow_data_change: bool = False) -> int:
     from mutransfer.data.builtin import open_dataset
@@ -395,24 +429,17 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
               f"{len(spec.grid)} {knob} x {s.seeds} seeds = {total} runs ({finished} already done), "
               f"{workers} worker(s)", file=sys.stderr)
     if tasks:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            chains_left = pool.imap_unordered(_chain, tasks)
-            shown = finished
-            while True:  # runs.jsonl is the count: a chain appends each run before it returns
-                try:
-                    records = chains_left.next(timeout=PROGRESS_EVERY_S)
-                    note = "" if not records else (f"; finished {records[0]['variant']} {s.axis} "
-                                                   f"{records[0]['value']} seed {records[0]['seed']}")
-                except multiprocessing.TimeoutError:  # a chain is still running
-                    note = ""
-                except StopIteration:
-                    break
-                finished = min(total, len(done_keys(out, s.grid_key)))
-                if not quiet and (finished > shown or note):
-                    shown, elapsed = finished, time.perf_counter() - start
-                    print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs{note}",
-                          file=sys.stderr)
+        old_handlers = {sig: signal.signal(sig, raise_stopped) for sig in STOP_SIGNALS}
+        try:
+            _run_chains(tasks, workers, out, s, total, finished, start, quiet)
+        except Stopped as e:  # leaving the pool's block has terminated its workers
+            print(f"stopped by signal {e.signum}: {len(done_keys(out, s.grid_key))} of {total} runs are in "
+                  f"{out / RUNS_FILE}; run the same command again to continue (the runs done are kept)",
+                  file=sys.stderr)
+            return 128 + e.signum
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
     verdict = judge(out, spec)
     from analysis.transfer import draw
 

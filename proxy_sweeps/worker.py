@@ -18,7 +18,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +37,7 @@ from proxy_sweeps.budget import (
     requeue_missing_retries,
 )
 from proxy_sweeps.optuna_adapter import trial_id
+from proxy_sweeps.processes import STOP_SIGNALS, watch_parent
 from proxy_sweeps.spec import spec_from_mapping
 from proxy_sweeps.study import distributions, load_for_worker, sampler_seed
 from proxy_sweeps.trial import Heartbeat, run_trial
@@ -82,7 +82,7 @@ class StopSignals:
         self.holding, self.pending = False, None
 
     def install(self) -> None:
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in STOP_SIGNALS:
             signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum, frame):
@@ -101,15 +101,6 @@ class StopSignals:
         signum, self.pending = self.pending, None
         if signum is not None:
             raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _watch_parent(parent: int) -> None:
-    """Stop this worker (as SIGTERM would) when the process that started it is gone."""
-    def loop():
-        while os.getppid() == parent:
-            time.sleep(2.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=loop, daemon=True).start()
 
 
 def interrupted(study: optuna.Study, storage, url: str, name: str, trial: optuna.Trial, max_retries: int) -> None:
@@ -134,7 +125,7 @@ def work(out_dir: str | Path, index: int, threads: int | None = None, storage_ur
     stops = StopSignals()
     stops.install()
     if os.environ.get("MUTRANSFER_SWEEP_PARENT"):
-        _watch_parent(int(os.environ["MUTRANSFER_SWEEP_PARENT"]))
+        watch_parent(int(os.environ["MUTRANSFER_SWEEP_PARENT"]))
     cfg = read_json(Path(out_dir) / CONFIG_FILE, "sweep config")
     spec = spec_from_mapping(cfg["spec"])
     url = storage_url or os.environ.get(STORAGE_ENV) or cfg["storage"]

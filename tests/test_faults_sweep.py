@@ -206,3 +206,47 @@ def test_more_seeds_extend_a_transfer_check_without_repeating_its_runs(tmp_path)
     assert runs[:len(first)] == first and len(runs) == 3 * len(first)  # the first seed's runs were kept
     verdict = json.loads((out / "verdict.json").read_text())
     assert all(o["ci"] is not None for o in verdict["variants"]["mup"]["values"].values())
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from Linux's /proc")
+def test_sigterm_to_a_transfer_check_stops_its_workers_and_a_rerun_finishes_without_repeats(tmp_path):
+    """Its pool workers used to outlive a stopped check, training on and appending to runs.jsonl."""
+    check = tmp_path / "t.toml"
+    check.write_text("[transfer]\naxis = 'width'\nvalues = [16, 32]\nparametrizations = ['mup']\nlr_log2_low = -8\n"
+                     "lr_log2_high = -4\nlr_log2_step = 1\nseeds = 1\nmin_span = 2\n[model]\npreset = 'tiny'\n"
+                     "[train]\nsteps = 150\nbatch_size = 4\nseq_len = 32\nwarmup = 0\neval_every = 150\n"
+                     "eval_batches = 1\neval_batch_size = 4\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mutransfer.cli", "transfer-check", str(check), "--out", str(out), "--quiet",
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = out / "runs.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (runs.exists() and runs.read_text().strip()):
+        time.sleep(0.2)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers  # the pool's two workers (and its resource tracker)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert "run the same command again" in proc.stderr.read()
+    deadline = time.time() + 10  # the pool's terminate is immediate; an orphan would run on
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "a worker outlived the stopped check"
+    n_done = len(read_jsonl(runs))
+    assert 1 <= n_done < 10
+    assert main(["transfer-check", str(check), "--out", str(out), "--quiet"]) in (0, 1, 3)
+    keys = [(r["value"], r["lr_log2"], r["seed"]) for r in read_jsonl(runs)]
+    assert len(keys) == 10 and len(set(keys)) == 10  # every grid point once: nothing redone, nothing twice

@@ -1,0 +1,36 @@
+"""Stopping the processes a sweep or a transfer check starts, so that none outlives its parent.
+
+The main process turns SIGTERM/SIGINT into ``Stopped`` (not the default instant exit), so its
+clean-up runs: it stops its workers and says how to continue. A worker watches its parent and
+stops itself when the parent is gone (killed with SIGKILL, say): an orphan would keep training
+and writing results beside a re-run of the same command.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    """A signal handler: raise ``Stopped`` in the main thread."""
+    raise Stopped(signum)
+
+
+def watch_parent(parent: int) -> None:
+    """Stop this process (as SIGTERM would) once the process that started it is gone."""
+    def loop():
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=loop, daemon=True).start()
