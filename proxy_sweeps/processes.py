@@ -1,13 +1,15 @@
 """Stopping the processes a sweep or a transfer check starts, so that none outlives its parent.
 
 The main process turns SIGTERM/SIGINT into ``Stopped`` (not the default instant exit), so its
-clean-up runs: it stops its workers and says how to continue. A worker watches its parent and
-stops itself when the parent is gone (killed with SIGKILL, say): an orphan would keep training
-and writing results beside a re-run of the same command.
+clean-up runs: it stops its workers and says how to continue. A sweep worker turns them into
+KeyboardInterrupt (``StopSignals``), held back while a trial is handed to it. A worker watches its
+parent and stops itself when the parent is gone (killed with SIGKILL, say): an orphan would keep
+training and writing results beside a re-run of the same command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -34,3 +36,32 @@ def watch_parent(parent: int) -> None:
             time.sleep(2.0)
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=loop, daemon=True).start()
+
+
+class StopSignals:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, except inside ``held()``, which keeps a stop until
+    it ends: between Optuna's ask and the worker holding the trial a stop would leave it RUNNING."""
+
+    def __init__(self):
+        self.holding, self.pending = False, None
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.holding:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        signum, self.pending = self.pending, None
+        if signum is not None:
+            raise KeyboardInterrupt(f"signal {signum}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ from proxy_sweeps.budget import (
     requeue_missing_retries,
 )
 from proxy_sweeps.optuna_adapter import trial_id
-from proxy_sweeps.processes import STOP_SIGNALS, watch_parent
+from proxy_sweeps.processes import StopSignals, watch_parent
 from proxy_sweeps.spec import spec_from_mapping
 from proxy_sweeps.study import distributions, load_for_worker, sampler_seed
 from proxy_sweeps.trial import Heartbeat, run_trial
@@ -72,35 +71,6 @@ def next_trial(study: optuna.Study, storage, url: str, name: str, n_trials: int,
             trial.set_user_attr("reason", f"duplicate of trial {twin}'s parameters; asked again")
             study.tell(trial, state=TrialState.FAIL)
         return trial  # the space is exhausted of new points: run the last one rather than spin
-
-
-class StopSignals:
-    """SIGTERM and SIGINT raise KeyboardInterrupt, except inside ``held()``, which keeps a stop until
-    it ends: between Optuna's ask and the worker holding the trial a stop would leave it RUNNING."""
-
-    def __init__(self):
-        self.holding, self.pending = False, None
-
-    def install(self) -> None:
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        if self.holding:
-            self.pending = signum
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    @contextlib.contextmanager
-    def held(self):
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-        signum, self.pending = self.pending, None
-        if signum is not None:
-            raise KeyboardInterrupt(f"signal {signum}")
 
 
 def interrupted(study: optuna.Study, storage, url: str, name: str, trial: optuna.Trial, max_retries: int) -> None:

@@ -114,7 +114,7 @@ def test_a_stop_while_a_trial_is_handed_out_waits_until_the_worker_holds_it():
     """Between Optuna's ask and the worker's try, a SIGTERM used to leave the trial RUNNING."""
     import os
 
-    from proxy_sweeps.worker import StopSignals
+    from proxy_sweeps.processes import StopSignals
 
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     stops = StopSignals()
