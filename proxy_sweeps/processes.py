@@ -29,6 +29,17 @@ def raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
+@contextlib.contextmanager
+def stops_raised():
+    """SIGTERM/SIGINT raise ``Stopped`` inside the block; the previous handlers come back after it."""
+    old = {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 def watch_parent(parent: int) -> None:
     """Stop this process (as SIGTERM would) once the process that started it is gone."""
     def loop():

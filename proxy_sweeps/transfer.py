@@ -54,7 +54,7 @@ from mutransfer.plan import shape_from_config
 from mutransfer.presets import at_depth, at_width
 from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
 from mutransfer.training import Diverged, train_proxy
-from proxy_sweeps.processes import STOP_SIGNALS, Stopped, raise_stopped, watch_parent
+from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
 
 TABLES = ("transfer", "model", "param", "data", "train", "hparams")
 RUNS_FILE = "runs.jsonl"
@@ -429,17 +429,14 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
               f"{len(spec.grid)} {knob} x {s.seeds} seeds = {total} runs ({finished} already done), "
               f"{workers} worker(s)", file=sys.stderr)
     if tasks:
-        old_handlers = {sig: signal.signal(sig, raise_stopped) for sig in STOP_SIGNALS}
         try:
-            _run_chains(tasks, workers, out, s, total, finished, start, quiet)
+            with stops_raised():
+                _run_chains(tasks, workers, out, s, total, finished, start, quiet)
         except Stopped as e:  # leaving the pool's block has terminated its workers
             print(f"stopped by signal {e.signum}: {len(done_keys(out, s.grid_key))} of {total} runs are in "
                   f"{out / RUNS_FILE}; run the same command again to continue (the runs done are kept)",
                   file=sys.stderr)
             return 128 + e.signum
-        finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
     verdict = judge(out, spec)
     from analysis.transfer import draw
 
