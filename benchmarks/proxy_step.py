@@ -14,8 +14,12 @@ to norm 1, LR set, AdamW step) on the same fixed random batch:
   biases, tied embedding, head dim 64 (``--gpt2-head-dim``), same d, L, vocabulary, batch and
   sequence as the muP model; same optimizer as ``plain``. Different architecture, so it is compared
   by achieved model FLOP/s, not tokens/s.
+- ``gpt2-same-heads`` (with ``--models``): the same GPT-2-style model with the muP model's head dim
+  (16 in the tiny family) instead of 64, so that both sides do the same attention work per FLOP.
 - ``mup-hd64`` (with ``--models``): the muP model with head dim 64 instead of the tiny family's 16
   (fewer, wider heads; same d): separates the attention kernel's head-dim efficiency from the rest.
+  The ``/same hd`` column compares every model with the GPT-2 baseline of its own head dim (``mup``
+  with ``gpt2-same-heads``, ``mup-hd64`` with ``gpt2``), where either is in the run.
 
 Model FLOPs per token, counted the same way for every model: 6 N_matmul + 6 L d T, N_matmul the
 weights of the matrix multiplies (the tied embedding once, as the output layer; no positions, norms
@@ -66,7 +70,8 @@ CONFIGS = {
 }
 DEFAULT_CONFIGS = ("tiny", "d256", "d512")
 WARMUP_STEPS = 2
-MODELS = ("mup", "plain", "gpt2", "mup-hd64")
+MODELS = ("mup", "plain", "gpt2", "mup-hd64", "gpt2-same-heads")
+GPT2_KINDS = ("gpt2", "gpt2-same-heads")
 DEFAULT_MODELS = ("mup", "plain", "gpt2")
 MODES = ("eager", "compile")
 
@@ -263,7 +268,7 @@ def build(config: str, model_kind: str, gpt2_head_dim: int):
             model = PlainTransformer(cfg)
             desc = f"d {cfg.d_model}, L {cfg.n_layers}, {cfg.n_heads}x{cfg.head_dim} heads ({cfg.n_kv_heads} KV)"
         else:
-            n_heads = max(1, cfg.d_model // gpt2_head_dim)
+            n_heads = max(1, cfg.d_model // (cfg.head_dim if model_kind == "gpt2-same-heads" else gpt2_head_dim))
             model = GPT2(cfg.vocab_size, cfg.d_model, cfg.n_layers, n_heads, spec["seq_len"])
             desc = f"d {cfg.d_model}, L {cfg.n_layers}, {n_heads}x{cfg.d_model // n_heads} heads, MLP 4d"
         opt = plain_optimizer(model, hp.lr, hp.weight_decay)
@@ -290,6 +295,13 @@ def build(config: str, model_kind: str, gpt2_head_dim: int):
     return model, step, flops_per_token(model, cfg.n_layers, cfg.d_model, spec["seq_len"]), desc
 
 
+def head_dim(model: nn.Module) -> int:
+    if isinstance(model, GPT2):
+        attention = model.h[0].attn
+        return attention.c_proj.in_features // attention.n_heads
+    return model.cfg.head_dim
+
+
 def shapes(model: nn.Module) -> list[tuple[int, ...]]:
     return sorted(tuple(p.shape) for p in model.parameters())
 
@@ -310,6 +322,7 @@ def measure(config: str, mode: str, models: list[str], batch_size: int, seq_len:
                       "result": {"model": kind, "describe": desc, "status": "ok",
                                  "params": sum(p.numel() for p in model.parameters()),
                                  "matmul_params": matmul_params(model), "flops_per_token": flops,
+                                 "head_dim": head_dim(model),
                                  "param_shapes": shapes(model), "rounds": []}}
     for run in runs.values():  # first steps: compile (under torch.compile) and warm-up
         try:
@@ -409,7 +422,8 @@ def add_ratios(rows: list[dict]) -> None:
     over interleaved cycles; the table's) and the ratio of the best rounds."""
     by = {r["model"]: r for r in rows if r.get("status") == "ok"}
     for r in rows:
-        for key in ("over_plain_tokens", "over_plain_tokens_best", "over_gpt2_flops", "over_gpt2_flops_best"):
+        for key in ("over_plain_tokens", "over_plain_tokens_best", "over_gpt2_flops", "over_gpt2_flops_best",
+                    "over_same_heads_gpt2_flops"):
             r[key] = None
         if r.get("status") != "ok":
             continue
@@ -421,6 +435,9 @@ def add_ratios(rows: list[dict]) -> None:
         if "gpt2" in by:
             r["over_gpt2_flops"] = round(paired_ratio(r, by["gpt2"], per_token=True), 4)
             r["over_gpt2_flops_best"] = round(r["flops_per_s"] / by["gpt2"]["flops_per_s"], 4)
+        same = [by[k] for k in GPT2_KINDS if k in by and by[k]["head_dim"] == r["head_dim"]]
+        if same and r["model"] not in GPT2_KINDS:
+            r["over_same_heads_gpt2_flops"] = round(paired_ratio(r, same[0], per_token=True), 4)
     for r in rows:
         r.pop("param_shapes", None)
 
@@ -442,22 +459,22 @@ def machine() -> dict:
             "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
-HEADER = (f"{'config':<9} {'model':<8} {'mode':<7} {'batch':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'step ms':>8} "
-          f"{'opt ms':>7} {'/plain':>6} {'/gpt2':>6} {'1st s':>6}  status")
+HEADER = (f"{'config':<9} {'model':<15} {'mode':<7} {'batch':>7} {'tokens/s':>9} {'GFLOP/s':>8} {'step ms':>8} "
+          f"{'opt ms':>7} {'/plain':>6} {'/gpt2':>6} {'/same hd':>8} {'1st s':>6}  status")
 
 
 def fmt_row(r: dict) -> str:
     shape = f"{r['batch_size']}x{r['seq_len']}"
-    lead = f"{r['config']:<9} {r['model']:<8} {r['mode']:<7} {shape:>7}"
+    lead = f"{r['config']:<9} {r['model']:<15} {r['mode']:<7} {shape:>7}"
     if r.get("status") != "ok":
-        return f"{lead} {'-':>9} {'-':>8} {'-':>8} {'-':>7} {'-':>6} {'-':>6} {'-':>6}  {r['status']}: " \
+        return f"{lead} {'-':>9} {'-':>8} {'-':>8} {'-':>7} {'-':>6} {'-':>6} {'-':>8} {'-':>6}  {r['status']}: " \
                f"{r.get('error', '')[:70]}"
 
     def ratio(v):
         return "-" if v is None else f"{v:.3f}"
     return (f"{lead} {r['tokens_per_s']:>9,.0f} {r['flops_per_s'] / 1e9:>8.2f} {1000 * r['step_s_median']:>8.1f} "
             f"{1000 * r['optimizer_s']:>7.1f} {ratio(r['over_plain_tokens']):>6} {ratio(r['over_gpt2_flops']):>6} "
-            f"{r['first_step_s']:>6.1f}  ok")
+            f"{ratio(r['over_same_heads_gpt2_flops']):>8} {r['first_step_s']:>6.1f}  ok")
 
 
 def main() -> int:
