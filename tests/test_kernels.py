@@ -4,6 +4,7 @@
   (reference values below, recorded from that code at one CPU thread) to 1e-5.
 - RoPE: cos/sin are a non-persistent float32 buffer, rebuilt by ``to_empty`` / ``init_buffers``
   after a meta-device build; the complex-multiply rotation is the interleaved pairwise one.
+- ``build_model`` writes each parameter once, from the table: torch's default init never runs.
 - RMSNorm on CPU: a hand-written backward, equal to autograd through ``F.rms_norm``.
 - AdamW: the fused kernel, equal to the default implementation, with per-group settings.
 - The coordinate-check recorder: dW x from the kept outputs equals dW x from weight copies, on all
@@ -116,6 +117,34 @@ def reference_rope(x, cos, sin):
     """The rotation as it was written before: pairs (x[2i], x[2i+1]) rotated by stacking halves."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+def test_build_writes_each_parameter_once_from_the_table():
+    """No default init (kaiming uniform, embedding normal) drawn and then overwritten: one normal_ or
+    fill_ per parameter (writes to meta tensors write nothing), the weights the seed's draws give."""
+    from torch.overrides import TorchFunctionMode
+
+    class Writes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[tuple[str, int]] = []  # (in-place op, address written)
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            target = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if name.endswith("_") and not name.startswith("_") and target is not None and not target.is_meta:
+                self.ops.append((name, target.data_ptr()))
+            return func(*args, **kwargs)
+
+    hp = HParams()
+    with Writes() as writes:
+        model = build_model(TINY, hp, seed=0)
+    params = list(model.parameters())
+    to_params = [op for op, ptr in writes.ops if ptr in {p.data_ptr() for p in params}]
+    assert sorted(to_params) == sorted(["fill_" if p.ndim == 1 else "normal_" for p in params])
+    twin = build_model(TINY, hp, device="meta").to_empty(device="cpu")
+    init_weights(twin, TINY.model, TINY.param, hp, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(params, twin.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
