@@ -13,19 +13,14 @@ def build_model(shape: RunShape, hp: HParams, device: str | torch.device = "cpu"
                 ) -> Transformer:
     """A Transformer at ``shape`` initialised by the table; ``device="meta"`` allocates nothing.
 
-    Built on the meta device and then given storage, so torch's default init (which the table's
-    overwrites) never runs: at width 1024 it was over half of the build.
+    Built on the meta device and then given storage (``materialize``), so torch's default init
+    (which the table's overwrites) never runs: at width 1024 it was over half of the build.
     """
     mult = forward_multipliers(shape.model, shape.param, hp)
     with torch.device("meta"):
         model = Transformer(shape.model, mult)
     if torch.device(device).type != "meta":
-        model.to_empty(device=device)  # the RoPE tables are recomputed there; every parameter is set below
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed)
-        init_weights(model, shape.model, shape.param, hp, generator=gen)
+        materialize(model, shape, hp, device, seed)
     return model
 
 
@@ -48,33 +43,22 @@ def configure_model(model: Transformer, settings) -> Transformer:
 
 
 @torch.no_grad()
-def materialize(model: Transformer, shape: RunShape, hp: HParams, device: str | torch.device, seed: int) -> None:
+def materialize(model: Transformer, shape: RunShape, hp: HParams, device: str | torch.device,
+                seed: int | None) -> None:
     """Give a meta-device model (possibly FSDP2-sharded already) real storage and its initial values.
 
-    Each rank allocates only its own shards (``to_empty``) and writes only them: for each parameter,
-    in ``build_model``'s order and from the same seeded generator, the full tensor is drawn (one
-    parameter at a time, never the whole model) and the rank keeps its rows. So a sharded run starts
-    from exactly the weights a one-process run starts from. Buffers that are not parameters (the
-    emulated FP8 scaling history, position tables) are reset by their modules.
+    Each rank allocates only its own shards (``to_empty``) and writes only them (``init_weights``:
+    in ``build_model``'s order and from the same seeded generator -- ``seed=None``: torch's global
+    one -- so a sharded run starts from exactly the weights a one-process run starts from). Buffers
+    that are not parameters (the emulated FP8 scaling history, position tables) are reset by their
+    modules.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    from mutransfer.parametrization import resolve
-
-    device = torch.device(device)
     model.to_empty(device=device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    for name, p in model.named_parameters():
-        setting = resolve(name, shape.model, shape.param, hp, "adamw")
-        local = p.to_local() if isinstance(p, DTensor) else p
-        if setting.init_std is None:
-            local.fill_(1.0)
-            continue
-        full = torch.empty(p.shape, device=device, dtype=p.dtype).normal_(0.0, setting.init_std, generator=gen)
-        if isinstance(p, DTensor):
-            full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-        local.copy_(full)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+    init_weights(model, shape.model, shape.param, hp, generator=gen)
     for module in model.modules():
         for reset in ("reset_amax_history", "init_buffers"):
             if hasattr(module, reset):

@@ -312,13 +312,25 @@ def resolve_all(named_params, model: ModelConfig, param: ParamConfig, hp: HParam
 @torch.no_grad()
 def init_weights(module: torch.nn.Module, model: ModelConfig, param: ParamConfig, hp: HParams,
                  generator: torch.Generator | None = None) -> None:
-    """Initialise every parameter from the table (init does not depend on the optimizer)."""
+    """Initialise every parameter from the table (init does not depend on the optimizer).
+
+    An FSDP2 shard (DTensor) gets its rows of the full tensor a one-process init draws: the full
+    tensor is drawn (one parameter at a time, never the whole model) and the rank keeps its shard.
+    Meta tensors are skipped.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     for name, p in module.named_parameters():
-        setting = resolve(name, model, param, hp, "adamw")
         if p.device.type == "meta":
             continue
+        setting = resolve(name, model, param, hp, "adamw")
+        local = p.to_local() if isinstance(p, DTensor) else p
         if setting.init_std is None:
-            p.fill_(1.0)
+            local.fill_(1.0)
+        elif isinstance(p, DTensor):
+            full = torch.empty(p.shape, device=local.device, dtype=p.dtype)
+            full.normal_(0.0, setting.init_std, generator=generator)
+            local.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
         else:
             p.normal_(0.0, setting.init_std, generator=generator)
 

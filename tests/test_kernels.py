@@ -118,6 +118,7 @@ def reference_rope(x, cos, sin):
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
+
 def test_build_writes_each_parameter_once_from_the_table():
     """No default init (kaiming uniform, embedding normal) drawn and then overwritten: one normal_ or
     fill_ per parameter (writes to meta tensors write nothing), the weights the seed's draws give."""
@@ -140,7 +141,8 @@ def test_build_writes_each_parameter_once_from_the_table():
     with Writes() as writes:
         model = build_model(TINY, hp, seed=0)
     params = list(model.parameters())
-    to_params = [op for op, ptr in writes.ops if ptr in {p.data_ptr() for p in params}]
+    addresses = {p.data_ptr() for p in params}
+    to_params = [op for op, ptr in writes.ops if ptr in addresses]
     assert sorted(to_params) == sorted(["fill_" if p.ndim == 1 else "normal_" for p in params])
     twin = build_model(TINY, hp, device="meta").to_empty(device="cpu")
     init_weights(twin, TINY.model, TINY.param, hp, generator=torch.Generator().manual_seed(0))
