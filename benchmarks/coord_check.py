@@ -80,6 +80,7 @@ def vs_mup(threads: int, repeats: int, recorders: list[str]) -> dict:
     from mutransfer.coord_config import CoordConfig
     from mutransfer.data.builtin import builtin_dataset
     from mutransfer.optim import build_optimizers
+    from mutransfer.transformer_spec import transformer_spec
 
     if threads:
         torch.set_num_threads(threads)
@@ -100,7 +101,8 @@ def vs_mup(threads: int, repeats: int, recorders: list[str]) -> dict:
 
     def mup_our_opt():
         def optcls(model):
-            return build_optimizers(model, shapes[model.cfg.d_model], hp, cfg.optimizer)
+            shape = shapes[model.cfg.d_model]
+            return build_optimizers(model, transformer_spec(shape.model), shape.model, shape.param, hp, cfg.optimizer)
         return len(_get_coord_data(models, [(x, y.flatten())], optcls, **mup_args))
 
     run = {"ours": ours, "mup": mup, "mup-our-opt": mup_our_opt}

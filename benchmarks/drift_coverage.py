@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from proxy_sweeps import optimum_stats as stats
+from mutransfer import optimum_stats as stats
 
 GRID = np.arange(-10.0, -1.0, 1.0)  # log2 LR, as the shipped grids
 VALUES = (32, 64, 128, 256)

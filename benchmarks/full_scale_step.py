@@ -37,6 +37,7 @@ from mutransfer.precision import PRECISIONS, available, check_checkpointing, che
 from mutransfer.presets import at_width, get_preset
 from mutransfer.rundir import environment
 from mutransfer.step import train_step
+from mutransfer.transformer_spec import transformer_spec
 
 GIB = 2**30
 
@@ -105,8 +106,9 @@ def bench_one(shape, precision: str, policy: str, device: torch.device, args) ->
     hp = HParams()
     settings = TrainSettings(precision=precision, activation_checkpointing=policy, loss_chunk_tokens=args.loss_chunk,
                              compile=args.compile)
-    model = configure_model(prepare_model(build_model(shape, hp, device=device, seed=0), precision), settings)
-    opts = build_optimizers(model, shape, hp, args.optimizer)
+    spec = transformer_spec(shape.model)
+    model = configure_model(prepare_model(build_model(shape, hp, device=device, seed=0), precision), settings, spec)
+    opts = build_optimizers(model, spec, shape.model, shape.param, hp, args.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, shape.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen).to(device)

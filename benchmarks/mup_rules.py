@@ -45,6 +45,7 @@ from mutransfer.config import HParams, RunShape, updated
 from mutransfer.data.builtin import builtin_dataset
 from mutransfer.parametrization import HIDDEN_MATRIX_ROLES, Role, param_groups, role_of, scale_of
 from mutransfer.presets import at_depth, at_width, get_preset
+from mutransfer.transformer_spec import ROLE_MAP
 
 WIDTHS = (64, 128, 256, 512)
 DEPTHS = (4, 8, 16, 32)
@@ -85,7 +86,7 @@ def grad_rms_by_role(shape: RunShape, hp: HParams, batch, seed: int = 0) -> dict
     model(x, y).backward()
     sums: dict[str, list[float]] = {}
     for name, p in model.named_parameters():
-        acc = sums.setdefault(role_of(name).value, [0.0, 0])
+        acc = sums.setdefault(role_of(name, ROLE_MAP).value, [0.0, 0])
         acc[0] += p.grad.double().square().sum().item()
         acc[1] += p.numel()
     return {role: math.sqrt(s / n) for role, (s, n) in sums.items()}
@@ -95,7 +96,7 @@ def adamw_eps_by_role(shape: RunShape, hp: HParams, optimizer: str = "adamw") ->
     """Each AdamW group's eps as the table gives it (one value per role), read from ``param_groups``."""
     model = build_model(shape, hp, device="meta")
     eps: dict[str, set[float]] = {}
-    for g in param_groups(model, shape.model, shape.param, hp, optimizer)["adamw"]:
+    for g in param_groups(model, shape.model, shape.param, hp, optimizer, roles=ROLE_MAP)["adamw"]:
         eps.setdefault(g["role"], set()).add(g["eps"])
     assert all(len(v) == 1 for v in eps.values()), eps
     return {role: v.pop() for role, v in eps.items()}
@@ -171,7 +172,8 @@ def step_effect(shape: RunShape, roles, lr_factors=(1.0,), hp: HParams = HP_STEP
     x, y = batch
     loss0 = model(x, y)
     loss0.backward()
-    groups = [g for g in param_groups(model, shape.model, shape.param, hp, "adamw")["adamw"] if g["role"] in roles]
+    groups = [g for g in param_groups(model, shape.model, shape.param, hp, "adamw", roles=ROLE_MAP)["adamw"]
+              if g["role"] in roles]
     assert groups, roles
     start = [[p.detach().clone() for p in g["params"]] for g in groups]
     drops = []
@@ -226,12 +228,12 @@ def decay_timescale(shape: RunShape, wd_factor: float, steps: int, real_gradient
     else with zero gradients (pure decoupled decay).
     """
     model = build_model(shape, hp, seed=seed)
-    groups = param_groups(model, shape.model, shape.param, hp, "adamw")["adamw"]
+    groups = param_groups(model, shape.model, shape.param, hp, "adamw", roles=ROLE_MAP)["adamw"]
     for g in groups:
         if g["role"] in HIDDEN:
             g["weight_decay"] *= wd_factor
     opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2))
-    hidden = {n: p for n, p in model.named_parameters() if role_of(n).value in HIDDEN}
+    hidden = {n: p for n, p in model.named_parameters() if role_of(n, ROLE_MAP).value in HIDDEN}
     w0 = {n: p.detach().double().clone() for n, p in hidden.items()}
     for step in range(steps):
         opt.zero_grad(set_to_none=False)
@@ -262,7 +264,7 @@ def decay_timescales(depths=(4, 16), alphas=ALPHAS, steps: int = 40, real_gradie
                 tau = decay_timescale(shape, factor(shape), steps, real_gradients, hp)
                 lr_wd = {(g["lr"], g["weight_decay"] * factor(shape))
                          for g in param_groups(build_model(shape, hp, device="meta"), shape.model, shape.param,
-                                               hp, "adamw")["adamw"] if g["role"] in HIDDEN}
+                                               hp, "adamw", roles=ROLE_MAP)["adamw"] if g["role"] in HIDDEN}
                 assert len(lr_wd) == 1, lr_wd
                 lr, wd = lr_wd.pop()
                 rows.append({"alpha": alpha, "rule": rule, "depth": d, "tau_by_block": tau,

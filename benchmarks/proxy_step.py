@@ -250,6 +250,7 @@ def build(config: str, model_kind: str, gpt2_head_dim: int):
     from mutransfer.model import loss_fn
     from mutransfer.optim import build_optimizers
     from mutransfer.presets import get_preset
+    from mutransfer.transformer_spec import transformer_spec
 
     spec = CONFIGS[config]
     hp = HParams()
@@ -258,7 +259,7 @@ def build(config: str, model_kind: str, gpt2_head_dim: int):
     if model_kind in ("mup", "mup-hd64"):
         shape = RunShape(model=cfg, param=get_preset(spec["preset"]).param)
         model = build_model(shape, hp, seed=0)
-        opt = build_optimizers(model, shape, hp, "adamw")
+        opt = build_optimizers(model, transformer_spec(cfg), shape.model, shape.param, hp, "adamw")
         desc = f"d {cfg.d_model}, L {cfg.n_layers}, {cfg.n_heads}x{cfg.head_dim} heads ({cfg.n_kv_heads} KV)"
 
         def set_lr(factor):

@@ -71,8 +71,10 @@ def mean_across(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def wrap(model: nn.Module, env: DistEnv, mode: str, precision: str = "fp32") -> nn.Module:
-    """DDP, or FSDP2 per block then root; the returned module is what the loop calls.
+def wrap(model: nn.Module, env: DistEnv, mode: str, precision: str = "fp32",
+         blocks: list[nn.Module] = ()) -> nn.Module:
+    """DDP, or FSDP2 per block (``blocks``: the model spec's) then root; the returned module is what
+    the loop calls.
 
     FSDP2 changes the module in place (same names, DTensor parameters) and works on a meta-device
     model too (shard first, allocate after); DDP wraps a materialised one, and the caller keeps the
@@ -94,7 +96,7 @@ def wrap(model: nn.Module, env: DistEnv, mode: str, precision: str = "fp32") -> 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision != "fp32" else MixedPrecisionPolicy()
-        for block in model.layers:
+        for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model

@@ -28,12 +28,13 @@ from full_scale.config import RunConfig
 from full_scale.data import Mixture, source_seed
 from full_scale.distributed import DistEnv, barrier, grad_sync, mean_across
 from full_scale.metrics import MetricsWriter, peak_flops, read_rows
-from mutransfer.build import build_model, configure_model, materialize
+from mutransfer.build import build, configure_model, materialize
 from mutransfer.config import ConfigError
 from mutransfer.optim import OptimizerSet, build_optimizers, switch_to_muon
 from mutransfer.plan import flops_per_token
 from mutransfer.rundir import environment, read_json, write_json
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
+from mutransfer.transformer_spec import transformer_spec
 
 
 def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint: str | Path | None = None,
@@ -93,6 +94,7 @@ class Trainer:
             for xs, ys in zip(x.split(rows), y.split(rows), strict=True)]
 
         torch.manual_seed(cfg.train.seed)
+        self.spec = transformer_spec(cfg.shape.model)
         self.inner = self._build_model()
         self.model = self.inner if cfg.parallel.mode == "fsdp" or not env.distributed else \
             dist_utils.wrap(self.inner, env, cfg.parallel.mode)
@@ -188,18 +190,23 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         on_meta = cfg.train.precision != "fp8-te"
-        model = build_model(cfg.shape, cfg.hp, device="meta" if on_meta else env.device, seed=cfg.train.seed)
+        spec, shape = self.spec, cfg.shape.model
+        model = build(spec, shape.d_model, shape.n_layers, cfg.shape.param, cfg.hp,
+                      device="meta" if on_meta else env.device, seed=cfg.train.seed)
         model = prepare_model(model, cfg.train.precision)
-        configure_model(model, cfg.train)
+        configure_model(model, cfg.train, spec)
+        self.checkpointing = cfg.train.activation_checkpointing
         if env.distributed and cfg.parallel.mode == "fsdp":
-            dist_utils.wrap(model, env, "fsdp", precision=cfg.train.precision)
+            dist_utils.wrap(model, env, "fsdp", precision=cfg.train.precision,
+                            blocks=[model.get_submodule(n) for n in spec.block_names(model)])
         if on_meta:
-            materialize(model, cfg.shape, cfg.hp, env.device, cfg.train.seed)
+            materialize(model, spec, shape, cfg.shape.param, cfg.hp, env.device, cfg.train.seed)
         return model
 
     def _optimizers(self, kind: str) -> OptimizerSet:
         switch, param = self.cfg.stages.switch, self.cfg.shape.param.parametrization
-        return build_optimizers(self.inner, self.cfg.shape, self.cfg.hp, kind, fuse=switch.fuse_for(param))
+        return build_optimizers(self.inner, self.spec, self.cfg.shape.model, self.cfg.shape.param, self.cfg.hp, kind,
+                                fuse=switch.fuse_for(param))
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -246,8 +253,8 @@ class Trainer:
         cfg = self.cfg
         switch, param = cfg.stages.switch, cfg.shape.param.parametrization
         restart, fuse = switch.restart_for(param), switch.fuse_for(param)
-        self.opts = switch_to_muon(self.inner, cfg.shape, cfg.hp, self.opts, carry_momentum=switch.carry_momentum,
-                                   restart=restart, fuse=fuse)
+        self.opts = switch_to_muon(self.inner, self.spec, cfg.shape.model, cfg.shape.param, cfg.hp, self.opts,
+                                   carry_momentum=switch.carry_momentum, restart=restart, fuse=fuse)
         self.state["switched_at"] = step
         self.metrics.event(step, "switch", to="muon", stage=stage.name, carry_momentum=switch.carry_momentum,
                            restart=restart, muon_fuse=fuse,
@@ -258,8 +265,9 @@ class Trainer:
         stage_index, stage = cfg.stages.stage_at(step)
         phase_index, phase = stage.phase_at(step)
         policy = stage.checkpointing or cfg.train.activation_checkpointing
-        if self.inner.layers[0].checkpointing != policy:  # this stage's recomputation (plain attributes)
+        if self.checkpointing != policy:  # this stage's recomputation (plain attributes)
             self.inner.set_activation_checkpointing(policy)
+            self.checkpointing = policy
         switched = stage.optimizer == "muon" and self.opts.kind == "adamw"
         if switched:
             self._switch(step, stage)

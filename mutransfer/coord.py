@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mutransfer.coord_config import CoordConfig
-from mutransfer.model import TiedLogits, loss_fn
-from mutransfer.parametrization import role_of
+from mutransfer.model import loss_fn
+from mutransfer.parametrization import HIDDEN_MATRIX_ROLES
 from mutransfer.presets import get_preset
+from mutransfer.spec import ModelSpec
 from mutransfer.step import train_step
 
 ACTIVATION_KINDS = ("embedding", "attn_out", "ffn_out", "residual", "attn_logits", "output_logits")
@@ -43,72 +44,62 @@ def _stats(x: torch.Tensor, count: int | None = None) -> dict[str, float]:
             "rms": (torch.linalg.vector_norm(x, 2) / n ** 0.5).item()}
 
 
-def _layer_of(name: str) -> int:
-    """Block index from a module name ``layers.<i>....``; -1 outside the blocks."""
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 else -1
-
-
-def activation_taps(model: nn.Module) -> dict[str, str]:
-    """Module name -> kind, for the modules whose output (or derived logits) the check records."""
-    taps = {"embed_scale": "embedding", "output": "output_logits"}
-    for name, _ in model.named_modules():
-        if name.endswith(".attention.wo"):
-            taps[name] = "attn_out"
-        elif name.endswith(".feed_forward.w2"):
-            taps[name] = "ffn_out"
-        elif name.endswith(".attention.qk_tap"):
-            taps[name] = "attn_logits"
-        elif name.startswith("layers.") and name.count(".") == 1:
-            taps[name] = "residual"
-    return taps
-
-
-def linear_modules(model: nn.Module) -> dict[str, str]:
-    """Module name -> update kind for every hidden linear layer (any backend that keeps ``.weight``)."""
+def linear_modules(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
+    """Module name -> update kind for every hidden linear layer: a module whose 2-D ``weight`` has a
+    hidden-matrix role in ``spec`` (any precision backend that keeps ``.weight``)."""
     out = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if name.startswith("layers.") and isinstance(weight, torch.Tensor) and weight.ndim == 2:
-            out[name] = "dWx." + role_of(name + ".weight").value
+        if name and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            role = spec.roles.matches(name + ".weight")
+            if len(role) == 1 and role[0][1] in HIDDEN_MATRIX_ROLES:
+                out[name] = "dWx." + role[0][1].value
     return out
 
 
-def attention_logits(attention: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
+def attention_logits(tap: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
     """scale * q k^T with the masked (non-causal) entries zeroed, query heads sharing GQA keys, and
-    the number of causal entries (what the softmax sees): ``_stats(*attention_logits(...))``."""
+    the number of causal entries (what the softmax sees): ``_stats(*attention_logits(...))``.
+    ``tap`` is the module called with (q, k); its ``scale`` is the softmax scale."""
     q, k = q.detach().float(), k.detach().float()
     b, h, t, d = q.shape
     group = h // k.shape[1]
     q = q.reshape(b, k.shape[1], group, t, d)  # each KV head with its group of query heads: no copy of k
     with torch.autocast(q.device.type, enabled=False):  # the hook runs inside bf16 autocast: stay fp32
-        logits = (q @ k.unsqueeze(2).transpose(-2, -1)).mul_(attention.attn_scale)
+        logits = (q @ k.unsqueeze(2).transpose(-2, -1)).mul_(tap.scale)
     return logits.tril_(), b * h * t * (t + 1) // 2
 
 
 class Recorder:
     """Forward hooks that record the size of each tapped output and keep linear inputs for dWx.
 
-    Use as a context manager around one forward pass; ``records`` collects the rows. For a linear
-    layer whose output is exactly ``F.linear(input, weight)`` in float32 (plain ``nn.Linear``
-    without bias, the tied readout; no autocast) the output is kept too: the update's effect is
-    then ``W_after x - y`` (``record_updates``), which needs no copy of the weights.
+    Use as a context manager around one forward pass; ``records`` collects the rows. Which modules
+    are tapped, which are hidden linear layers and which is the readout come from the model's spec.
+    For a layer whose output is exactly its float32 rerun (plain ``nn.Linear`` without bias, the
+    readout; no autocast) the output is kept too: the update's effect is then ``layer_after(x) - y``
+    (``record_updates``), which needs no copy of the weights.
     """
 
-    def __init__(self, model: nn.Module, base: dict, update_tokens: int = 0):
+    def __init__(self, model: nn.Module, base: dict, update_tokens: int = 0, spec: ModelSpec | None = None):
         self.model = model
+        self.spec = spec
         self.base = base  # columns shared by every row: width, seed, step
         self.update_tokens = update_tokens  # tokens kept per linear layer for dW x; 0: all
         self.records: list[dict] = []
-        self.inputs: dict[str, torch.Tensor] = {}  # module name -> the input its forward saw
+        self.inputs: dict[str, tuple] = {}  # module name -> the (sampled) inputs its forward saw
         self.outputs: dict[str, torch.Tensor] = {}  # module name -> its float32 output, where exact (above)
         self.handles = []
+        # Without a spec nothing is tapped (``sample_tokens`` alone).
+        self.taps = spec.tap_modules(model) if spec else {}
+        self.linears = linear_modules(model, spec) if spec else {}
+        self.readout = spec.readout(model) if spec else None
+        self.blocks = spec.block_names(model) if spec else []
 
     def __enter__(self) -> Recorder:
-        for name, kind in activation_taps(self.model).items():
+        for name, kind in self.taps.items():
             hook = self._logit_hook(name) if kind == "attn_logits" else self._output_hook(name, kind)
             self.handles.append(self.model.get_submodule(name).register_forward_hook(hook))
-        for name in [*linear_modules(self.model), "output"]:
+        for name in [*self.linears, *([self.readout] if self.readout else [])]:
             self.handles.append(self.model.get_submodule(name).register_forward_hook(self._input_hook(name)))
         return self
 
@@ -117,9 +108,16 @@ class Recorder:
             h.remove()
         self.handles = []
 
+    def layer_of(self, module: str) -> int:
+        """The index of the block ``module`` is in; -1 outside the blocks."""
+        for i, block in enumerate(self.blocks):
+            if module == block or module.startswith(block + "."):
+                return i
+        return -1
+
     def add(self, module: str, kind: str, x: torch.Tensor, count: int | None = None) -> None:
         for stat, value in _stats(x, count).items():
-            self.records.append({**self.base, "module": module, "kind": kind, "layer": _layer_of(module),
+            self.records.append({**self.base, "module": module, "kind": kind, "layer": self.layer_of(module),
                                  "statistic": stat, "value": value})
 
     def clear(self) -> None:
@@ -129,21 +127,20 @@ class Recorder:
 
     def _output_hook(self, name: str, kind: str):
         def hook(module, args, output):
-            self.add(name, kind, output)
+            self.add(name, kind, output[0] if isinstance(output, tuple) else output)
         return hook
 
     def _logit_hook(self, name: str):
-        attention = self.model.get_submodule(name.rsplit(".", 1)[0])
-
         def hook(module, args, output):
             q, k = args
-            self.add(name, "attn_logits", *attention_logits(attention, q, k))
+            self.add(name, "attn_logits", *attention_logits(module, q, k))
         return hook
 
     def _input_hook(self, name: str):
         def hook(module, args, output):
-            self.inputs[name] = self.sample_tokens(args[0].detach())
-            if _exact_float32_linear(module, args, output):
+            x = self.sample_tokens(args[0].detach())
+            self.inputs[name] = (x, *(a for a in args[1:] if isinstance(a, torch.Tensor)))
+            if _exact_float32(module, args, output, readout=name == self.readout):
                 self.outputs[name] = self.sample_tokens(output.detach())
         return hook
 
@@ -156,59 +153,65 @@ class Recorder:
         return x
 
 
-def _exact_float32_linear(module: nn.Module, args: tuple, output: torch.Tensor) -> bool:
-    """Whether ``module.forward(*args)`` is one float32 ``F.linear`` of its weight (and so can be
-    rerun with the updated weight for an output comparable to ``output`` to float rounding)."""
+def _exact_float32(module: nn.Module, args: tuple, output: torch.Tensor, readout: bool) -> bool:
+    """Whether ``module.forward(*args)`` reruns to an output comparable to ``output`` to float rounding
+    with the updated weight, and measures only the weight's update: float32 throughout, no autocast,
+    and a plain ``nn.Linear`` without bias -- or the readout, whose whole layer's change (a readout
+    bias included) is its update."""
     x = args[0]
-    if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32 or output.dtype != torch.float32:
+    if not isinstance(output, torch.Tensor) or torch.is_autocast_enabled(x.device.type):
         return False
-    if type(module) is nn.Linear:
-        return module.bias is None and module.weight.dtype == torch.float32
-    return type(module) is TiedLogits and len(args) == 2 and args[1].dtype == torch.float32
+    tensors = [x, output, *module.parameters(), *(a for a in args[1:] if isinstance(a, torch.Tensor))]
+    if any(t.dtype != torch.float32 for t in tensors):
+        return False
+    if readout:
+        return True
+    return type(module) is nn.Linear and module.bias is None
 
 
-def weights_before(model: nn.Module, recorder: Recorder | None = None) -> dict[str, torch.Tensor]:
-    """Copies of every linear layer's weight (and the tied readout's) before the optimizer steps;
-    with ``recorder``, only of those whose output it did not keep (``Recorder``)."""
-    kept = recorder.outputs if recorder is not None else {}
-    weights = {n: model.get_submodule(n).weight for n in linear_modules(model)}
-    weights["output"] = model.tok_embeddings.weight
-    return {n: w.detach().clone() for n, w in weights.items() if n not in kept}
+def _readout_weight(module: nn.Module, kept: tuple) -> torch.Tensor:
+    """The readout's weight: its own ``weight``, or (a tied readout called as ``(h, weight)``) that argument."""
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else kept[1]
+
+
+def weights_before(model: nn.Module, recorder: Recorder) -> dict[str, torch.Tensor]:
+    """Copies of the weights of every linear layer and the readout whose output the recorder did not
+    keep (``Recorder``), taken before the optimizer steps."""
+    weights = {n: model.get_submodule(n).weight for n in recorder.linears if n not in recorder.outputs}
+    if recorder.readout and recorder.readout not in recorder.outputs and recorder.readout in recorder.inputs:
+        weights[recorder.readout] = _readout_weight(model.get_submodule(recorder.readout),
+                                                    recorder.inputs[recorder.readout])
+    return {n: w.detach().clone() for n, w in weights.items()}
 
 
 @torch.no_grad()
 def record_updates(model: nn.Module, recorder: Recorder, before: dict[str, torch.Tensor]) -> None:
-    """dW x for every linear layer: the step's weight change applied to the input that step saw.
+    """dW x for every linear layer and the readout: the step's weight change applied to the input that
+    step saw.
 
     With a copy of the weight in ``before``: ``(W_after - W_before) x`` in float32. Otherwise the
     recorder kept the layer's float32 output y = W_before x: ``W_after x - y``, the layer rerun on
     the same input (same kernel, same rounding) -- no weight copy, no full-size weight difference.
     Its rounding error is that of the two products, about float32 epsilon x |W x| / |dW x| relative.
     """
-    for name, kind in linear_modules(model).items():
+    names = {**recorder.linears, **({recorder.readout: "dWx.output"} if recorder.readout else {})}
+    for name, kind in names.items():
+        if name not in recorder.inputs:
+            continue
         module = model.get_submodule(name)
-        x = recorder.inputs[name]
+        kept = recorder.inputs[name]
         if name in before:
-            effect = F.linear(x.float(), module.weight.detach().float() - before[name].float())
+            weight = module.weight if name != recorder.readout else _readout_weight(module, kept)
+            effect = F.linear(kept[0].float(), weight.detach().float() - before[name].float())
         else:
-            effect = module.forward(x).sub_(recorder.outputs[name])
+            effect = module.forward(*kept).sub_(recorder.outputs[name])
         recorder.add(name, kind, effect)
-    h, embedding = recorder.inputs["output"], model.tok_embeddings.weight.detach()
-    if "output" in before:
-        effect = model.output.factor * F.linear(h.float(), embedding.float() - before["output"].float())
-    else:
-        effect = model.output.forward(h, embedding).sub_(recorder.outputs["output"])
-    recorder.add("output", "dWx.output", effect)
-
-
-def _logits_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The loss through whole logits, so the recorder's hook on ``output`` sees every logit."""
-    return loss_fn(model(x), y)
 
 
 def record_training(model: nn.Module, optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     base: dict, precision: str = "fp32", grad_clip: float = 0.0,
-                    device_type: str = "cpu", update_tokens: int = 0) -> list[dict]:
+                    device_type: str = "cpu", update_tokens: int = 0, *, spec: ModelSpec) -> list[dict]:
     """Train ``model`` one step per batch with the shared step, recording every step (0 = at init).
 
     ``optimizer`` is an OptimizerSet (or anything with ``zero_grad()`` and ``step()``). The
@@ -220,17 +223,22 @@ def record_training(model: nn.Module, optimizer, batches: Iterable[tuple[torch.T
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     records: list[dict] = []
+
+    def logits_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss through whole logits, so the recorder's hook on the readout sees every logit."""
+        return loss_fn(spec.logits(model, x), y)
+
     for step, (x, y) in enumerate(batches):
         before: dict[str, torch.Tensor] = {}
 
-        rec = Recorder(model, {**base, "step": step}, update_tokens)
+        rec = Recorder(model, {**base, "step": step}, update_tokens, spec)
 
         def keep_weights(before=before, rec=rec) -> None:
             before.update(weights_before(model, rec))
 
         with rec:
             out = train_step(model, optimizer, [(x, y)], params=params, precision=precision,
-                             device_type=device_type, grad_clip=grad_clip, loss_of=_logits_loss,
+                             device_type=device_type, grad_clip=grad_clip, loss_of=logits_loss,
                              before_optimizer_step=keep_weights)
         record_updates(model, rec, before)
         rec.records.append({**base, "step": step, "module": "loss", "kind": "loss", "layer": -1,
@@ -248,34 +256,47 @@ def fixed_batches(cfg: CoordConfig, dataset) -> list[tuple[torch.Tensor, torch.T
 
 def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Train the preset at every width and seed for ``cfg.steps`` steps; all records, in order."""
-    from mutransfer.build import build_model
-    from mutransfer.optim import build_optimizers
-    from mutransfer.precision import prepare_model
+    from mutransfer.transformer_spec import transformer_spec
 
     cfg = cfg.resolved()
     cfg.check_device()
+    preset = get_preset(cfg.preset)
     if dataset is None:
         from mutransfer.data.builtin import builtin_dataset
 
-        dataset = builtin_dataset(tokenizer=get_preset(cfg.preset).model.tokenizer)
-    dataset.check_tokenizer(get_preset(cfg.preset).model.tokenizer)
+        dataset = builtin_dataset(tokenizer=preset.model.tokenizer)
+    dataset.check_tokenizer(preset.model.tokenizer)
     batches = [(x.to(cfg.device), y.to(cfg.device)) for x, y in fixed_batches(cfg, dataset)]
-    hp = cfg.hparams()
+    shapes = cfg.shapes()
+    points = [(s.model.d_model, s.model.n_layers) for s in shapes]
+    return spec_records(transformer_spec(preset.model), points, shapes[0].param, cfg.hparams(), batches,
+                        optimizer=cfg.optimizer, precision=cfg.precision, seeds=cfg.seeds, device=cfg.device,
+                        grad_clip=cfg.grad_clip, update_tokens=cfg.update_tokens, axis=cfg.axis, progress=progress)
+
+
+def spec_records(spec: ModelSpec, points: list[tuple[int, int]], param, hp, batches, *, optimizer: str = "adamw",
+                 precision: str = "fp32", seeds: int = 3, device: str = "cpu", grad_clip: float = 0.0,
+                 update_tokens: int = 64, axis: str = "width",
+                 progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Train ``spec``'s model at every (width, depth) point and seed on ``batches`` (one step each,
+    already on ``device``), recording every step; all records, in order."""
+    from mutransfer.build import build
+    from mutransfer.optim import build_optimizers
+    from mutransfer.precision import prepare_model
+
     records: list[dict] = []
-    for shape in cfg.shapes():
-        width = shape.model.d_model
-        depth = shape.model.n_layers
-        for seed in range(cfg.seeds):
-            model = prepare_model(build_model(shape, hp, device=cfg.device, seed=seed), cfg.precision)
-            opt = build_optimizers(model, shape, hp, cfg.optimizer)
-            base = {"param": cfg.param, "optimizer": cfg.optimizer, "precision": cfg.precision,
-                    "axis": cfg.axis, "width": width, "depth": depth, "seed": seed}
-            rows = record_training(model, opt, batches, base, cfg.precision, cfg.grad_clip,
-                                   torch.device(cfg.device).type, cfg.update_tokens)
+    for width, depth in points:
+        shape = spec.shape(width, depth)
+        for seed in range(seeds):
+            model = prepare_model(build(spec, width, depth, param, hp, device=device, seed=seed), precision)
+            opt = build_optimizers(model, spec, shape, param, hp, optimizer)
+            base = {"param": param.parametrization, "optimizer": optimizer, "precision": precision,
+                    "axis": axis, "width": width, "depth": depth, "seed": seed}
+            rows = record_training(model, opt, batches, base, precision, grad_clip, torch.device(device).type,
+                                   update_tokens, spec=spec)
             records.extend(rows)
             if progress is not None:
                 losses = [r["value"] for r in rows if r["kind"] == "loss"]
-                progress(f"{cfg.param} {cfg.optimizer} {cfg.precision} width {width} depth {depth} "
-                         f"seed {seed + 1}/{cfg.seeds}: "
-                         f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+                progress(f"{param.parametrization} {optimizer} {precision} width {width} depth {depth} "
+                         f"seed {seed + 1}/{seeds}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return records

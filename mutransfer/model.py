@@ -2,7 +2,8 @@
 
 The model knows four plain numbers from the parametrization (ForwardMultipliers) and nothing
 else about muP; initialisation and optimizer settings come from mutransfer.parametrization.
-Parameter names are part of the contract: the muP table gives roles by name.
+Parameter names are part of the contract: its model spec (``mutransfer.transformer_spec``) gives
+roles by name.
 A few parameter-free modules (``Multiply``, ``QKTap``, ``TiedLogits``) exist so that forward hooks
 can observe the embedding output, attention logits and output logits (coordinate checks).
 
@@ -54,22 +55,22 @@ class Multiply(nn.Module):
 
 
 class QKTap(nn.Module):
-    """Identity on (q, k); a hook here sees the attention-logit inputs without extra compute."""
+    """Identity on (q, k); a hook here sees the attention-logit inputs without extra compute, and
+    ``scale`` (the softmax scale) makes them logits."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
 
 
 class TiedLogits(nn.Module):
-    """logits = factor * h E^T with the tied embedding matrix E."""
-
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = float(factor)
+    """logits = h E^T with the tied embedding matrix E (the logit multiplier scales h before: ``logit_scale``)."""
 
     def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        # Scale the (d-wide) input, not the (vocab-wide) output: same numbers, one pass fewer.
-        return F.linear(h * self.factor, embedding)
+        return F.linear(h, embedding)
 
 
 class _CPURMSNorm(torch.autograd.Function):
@@ -160,7 +161,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.qk_tap = QKTap()
+        self.qk_tap = QKTap(attn_scale)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -295,7 +296,9 @@ class Transformer(nn.Module):
         self.embed_scale = Multiply(mult.embedding)
         self.layers = nn.ModuleList(Block(cfg, mult) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = TiedLogits(mult.logits)
+        # Scale the (d-wide) readout input, not the (vocab-wide) logits: same numbers, one pass fewer.
+        self.logit_scale = Multiply(mult.logits)
+        self.output = TiedLogits()
         self.loss_chunk_tokens = DEFAULT_LOSS_CHUNK_TOKENS
         # RoPE's cos and sin for every position up to max_seq_len, float32, computed once (not per
         # forward: under torch.compile the pow/cos/sin were fused into the RoPE kernels and redone
@@ -362,7 +365,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin)
         h = self.norm(h)
         if targets is None:
-            return self.output(h, self.tok_embeddings.weight).float()
+            return self.output(self.logit_scale(h), self.tok_embeddings.weight).float()
         return self.chunked_cross_entropy(h, targets)
 
     def chunked_cross_entropy(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -389,7 +392,7 @@ class Transformer(nn.Module):
     def _summed_loss(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Cast here, not via autocast's cache: each chunk's bf16 embedding gradient then turns float32
         # before the chunks are summed, and a chunk's graph does not reach into another's.
-        logits = self.output(h, gemm_input(weight)).float()
+        logits = self.output(self.logit_scale(h), gemm_input(weight)).float()
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 

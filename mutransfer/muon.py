@@ -20,7 +20,7 @@ module is the one adapter for), step by step, so a plain run on a GPU is bit-ide
   matrix and scaled it by 0.2 sqrt(max) of the fused shape -- a different direction and scale
   from per-matrix Muon. A param group with ``fuse = True`` does that with our separate matrices:
   the updates of one block's wq|wk|wv (or w1|w3) are stacked in that order, orthogonalised
-  together, and split back (``parametrization.fuse_key`` names the sets).
+  together, and split back (the group's ``fuse_keys``, from the model spec's ``fuse_key``, name the sets).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim._muon import _adjust_lr
-
-from mutransfer.parametrization import fuse_key
 
 
 class Muon(torch.optim.Muon):
@@ -44,10 +42,10 @@ class Muon(torch.optim.Muon):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if group.get("fuse"):
-                names = dict(zip(map(id, group["params"]), group["names"], strict=True))
-                sets: dict[tuple, list[torch.Tensor]] = {}
+                keys = dict(zip(map(id, group["params"]), group["fuse_keys"], strict=True))
+                sets: dict[str, list[torch.Tensor]] = {}
                 for p in params:
-                    sets.setdefault(fuse_key(names[id(p)]), []).append(p)
+                    sets.setdefault(keys[id(p)], []).append(p)
                 for members in sets.values():
                     self._update(members, group)
             else:

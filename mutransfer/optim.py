@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mutransfer.config import HParams, RunShape
+from mutransfer.config import HParams, ParamConfig
 from mutransfer.parametrization import OPTIMIZERS, check_choice, param_groups
+from mutransfer.spec import ModelSpec
 
 
 class OptimizerSet:
@@ -73,14 +74,15 @@ def _adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def build_optimizers(model: nn.Module, shape: RunShape, hp: HParams, kind: str = "adamw",
-                     fuse: bool = False) -> OptimizerSet:
-    """AdamW for everything (kind="adamw"), or Muon for the hidden matrices (kind="muon");
-    ``fuse``: Muon orthogonalises each block's Q|K|V and gate|up as one matrix (the recipe's)."""
+def build_optimizers(model: nn.Module, spec: ModelSpec, shape, param: ParamConfig, hp: HParams,
+                     kind: str = "adamw", fuse: bool = False) -> OptimizerSet:
+    """AdamW for everything (kind="adamw"), or Muon for the hidden matrices (kind="muon"), with the
+    groups of ``spec``'s roles at ``shape`` (width, depth, head dim: a ModelConfig or SpecShape);
+    ``fuse``: Muon orthogonalises the spec's fused sets as one matrix each (the recipe's Q|K|V, gate|up)."""
     from mutransfer.muon import Muon
 
     check_choice("optimizer", kind, OPTIMIZERS)
-    groups = param_groups(model, shape.model, shape.param, hp, kind, fuse=fuse)
+    groups = param_groups(model, shape, param, hp, kind, fuse=fuse, roles=spec.roles, fuse_key=spec.fuse_key)
     opts: dict[str, torch.optim.Optimizer] = {}
     if groups["adamw"]:
         opts["adamw"] = _adamw(groups["adamw"], lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2),
@@ -93,7 +95,7 @@ def build_optimizers(model: nn.Module, shape: RunShape, hp: HParams, kind: str =
     return OptimizerSet(kind, opts)
 
 
-def switch_to_muon(model: nn.Module, shape: RunShape, hp: HParams, current: OptimizerSet,
+def switch_to_muon(model: nn.Module, spec: ModelSpec, shape, param: ParamConfig, hp: HParams, current: OptimizerSet,
                    carry_momentum: bool = False, restart: str = "hidden", fuse: bool = False) -> OptimizerSet:
     """The recipe's decay-phase switch: hidden matrices to Muon with fresh state (RECIPE section 4).
 
@@ -104,7 +106,7 @@ def switch_to_muon(model: nn.Module, shape: RunShape, hp: HParams, current: Opti
     check_choice("optimizer.restart", restart, ("all", "hidden"))
     if current.kind != "adamw":
         raise ValueError(f"switch_to_muon: the run is already on {current.kind!r}")
-    new = build_optimizers(model, shape, hp, "muon", fuse=fuse)
+    new = build_optimizers(model, spec, shape, param, hp, "muon", fuse=fuse)
     old_adamw = current.optimizers["adamw"]
     kept = {id(p) for g in new.optimizers["adamw"].param_groups for p in g["params"]}
     for p, st in old_adamw.state.items():

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -42,56 +43,94 @@ import torch
 
 from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, HParams, ModelConfig, ParamConfig
 
-__all__ = ["OPTIMIZERS", "PARAMETRIZATIONS", "Role", "role_of", "resolve", "resolve_all", "param_groups",
-           "init_weights", "forward_multipliers", "scale_of", "describe_table", "ForwardMultipliers", "fuse_key"]
+__all__ = ["OPTIMIZERS", "PARAMETRIZATIONS", "ROLES", "Role", "RoleMap", "role_of", "resolve", "resolve_role",
+           "resolve_all", "param_groups", "init_weights", "forward_multipliers", "scale_of", "describe_table",
+           "ForwardMultipliers"]
 
 
 class Role(StrEnum):
-    EMBEDDING = "embedding"  # tied: also the output layer
+    EMBEDDING = "embedding"  # token embedding (tied or not): vector-like, width-free rules
+    READOUT = "readout"  # an untied output layer (mup's MuReadout): the embedding's rules, logits x alpha_out/m
+    POS_EMBEDDING = "pos_embedding"  # learned position embeddings: the embedding's rules
     ATTN_QKV = "attn_qkv"
     ATTN_OUT = "attn_out"
     FFN_IN = "ffn_in"
     FFN_OUT = "ffn_out"
-    NORM_GAIN = "norm_gain"  # the RMSNorm gains inside each block (attention_norm, ffn_norm)
-    FINAL_NORM = "final_norm"  # the final RMSNorm gain, outside every residual branch
+    NORM_GAIN = "norm_gain"  # the norm gains inside the residual branches
+    FINAL_NORM = "final_norm"  # the final norm gain, outside every residual branch
+    BIAS = "bias"  # biases (any layer): zeros, a norm gain's LR and eps, no weight decay
+    KEEP = "keep"  # left alone: the model's own init, trained with the base eta, lambda and eps unscaled
 
 
 HIDDEN_MATRIX_ROLES = (Role.ATTN_QKV, Role.ATTN_OUT, Role.FFN_IN, Role.FFN_OUT)
+ROLES = tuple(r.value for r in Role)
 
-# Parameter name -> role. Names are those of mutransfer.model.Transformer (and of any precision
-# backend's linear layer, which keeps the ``.weight`` name).
-ROLE_BY_NAME: tuple[tuple[str, Role], ...] = (
-    (r"(^|\.)tok_embeddings\.weight$", Role.EMBEDDING),
-    (r"\.attention\.w[qkv]\.weight$", Role.ATTN_QKV),
-    (r"\.attention\.wo\.weight$", Role.ATTN_OUT),
-    (r"\.feed_forward\.w[13]\.weight$", Role.FFN_IN),
-    (r"\.feed_forward\.w2\.weight$", Role.FFN_OUT),
-    (r"(^|\.)(attention_norm|ffn_norm)\.weight$", Role.NORM_GAIN),
-    (r"(^|\.)norm\.weight$", Role.FINAL_NORM),
-)
+_WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "module.")
 
 
-# Matrices the recipe's Megatron stores fused, per block (RECIPE section 4): Muon with ``fuse`` on
-# orthogonalises each set as one matrix, stacked in this order.
-FUSED_SETS = {"attention": ("wq", "wk", "wv"), "feed_forward": ("w1", "w3")}
+def clean_name(name: str) -> str:
+    """A parameter's name without what torch.compile, FSDP1 and DDP wrappers add to it."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
 
 
-def fuse_key(name: str) -> tuple:
-    """The fused set a parameter belongs to (block, set), or a set of its own."""
-    clean = name.replace("_orig_mod.", "").replace("_fsdp_wrapped_module.", "").replace("module.", "")
-    m = re.search(r"(^|\.)layers\.(\d+)\.(attention|feed_forward)\.(\w+)\.weight$", clean)
-    if m and m.group(4) in FUSED_SETS[m.group(3)]:
-        return ("layers", int(m.group(2)), m.group(3))
-    return (clean,)
+class RoleMap:
+    """Parameter name -> muP role by regular expressions (``re.search`` on the name).
+
+    Every parameter must match exactly one pattern: a name that matches none, or more than one, is
+    an error that lists every such name (``check``) -- never a guess. Patterns are plain data, so a
+    role map can come from Python or from a config's ``[model.roles]`` table.
+    """
+
+    def __init__(self, patterns):
+        items = list(patterns.items()) if hasattr(patterns, "items") else list(patterns)
+        if not items:
+            raise ConfigError("model.roles: empty role map; give at least one 'pattern = role' entry")
+        compiled = []
+        for pattern, role in items:
+            if role not in ROLES:
+                raise ConfigError(f"model.roles[{pattern!r}] = {role!r} is not a role; choose one of {list(ROLES)}")
+            try:
+                compiled.append((re.compile(pattern), Role(role)))
+            except re.error as e:
+                raise ConfigError(f"model.roles: {pattern!r} is not a regular expression ({e})") from None
+        self.patterns: tuple[tuple[re.Pattern, Role], ...] = tuple(compiled)
+
+    def as_dict(self) -> dict[str, str]:
+        return {p.pattern: r.value for p, r in self.patterns}
+
+    def matches(self, name: str) -> list[tuple[str, Role]]:
+        clean = clean_name(name)
+        return [(p.pattern, r) for p, r in self.patterns if p.search(clean)]
+
+    def role_of(self, name: str) -> Role:
+        found = self.matches(name)
+        if len(found) == 1:
+            return found[0][1]
+        if not found:
+            raise KeyError(f"parameter {name!r} matches no muP role; patterns: {[p.pattern for p, _ in self.patterns]}")
+        raise KeyError(f"parameter {name!r} matches more than one role pattern: {found}")
+
+    def check(self, names, where: str = "model.roles") -> dict[str, Role]:
+        """Every name's role; a ConfigError listing every unmatched and every twice-matched name."""
+        names = list(names)
+        unmatched = [n for n in names if not self.matches(n)]
+        twice = {n: [p for p, _ in self.matches(n)] for n in names if len(self.matches(n)) > 1}
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} parameter(s) match no pattern: {unmatched}")
+        if twice:
+            problems.append(f"{len(twice)} parameter(s) match more than one pattern: {twice}")
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems) + f" (patterns: {list(self.as_dict())}; "
+                              f"roles: {list(ROLES)})")
+        return {n: self.role_of(n) for n in names}
 
 
-def role_of(name: str) -> Role:
+def role_of(name: str, roles: RoleMap) -> Role:
     """The role of a parameter from its (FQN) name; an unknown name is an error, never a guess."""
-    clean = name.replace("_orig_mod.", "").replace("_fsdp_wrapped_module.", "").replace("module.", "")
-    for pattern, role in ROLE_BY_NAME:
-        if re.search(pattern, clean):
-            return role
-    raise KeyError(f"parameter {name!r} matches no muP role; known patterns: {[p for p, _ in ROLE_BY_NAME]}")
+    return roles.role_of(name)
 
 
 @dataclass(frozen=True)
@@ -134,7 +173,8 @@ FORMULAS = {
 class Rule:
     """How one role is treated: each field names a formula from FORMULAS.
 
-    init: factor on sigma (``ones`` means the gain starts at 1); lr: factor on eta;
+    init: factor on sigma (``ones``/``zeros``: a gain or bias starts at 1/0; ``keep``: the model's own
+    init is left alone); lr: factor on eta;
     wd: factor on lambda; eps: factor on Adam's eps. ``muon_adjust`` is torch Muon's
     adjust_lr_fn for the roles that go to Muon.
     """
@@ -150,9 +190,19 @@ def _rules(**by_role: Rule) -> dict[Role, Rule]:
     return {Role(k): v for k, v in by_role.items()}
 
 
+def _other_roles(rows: dict[Role, Rule]) -> dict[Role, Rule]:
+    """The roles real models add, each written in terms of the seven above: a readout and position
+    embeddings are vector-like like the embedding (mup: fan-out finite); a bias moves like a norm
+    gain (its gradient is the sum of the same output gradients), starts at zero and is not decayed;
+    ``keep`` takes the base values unscaled and keeps the model's own init."""
+    return {**rows, Role.READOUT: rows[Role.EMBEDDING], Role.POS_EMBEDDING: rows[Role.EMBEDDING],
+            Role.BIAS: Rule(init="zeros", lr=rows[Role.NORM_GAIN].lr, wd="0", eps=rows[Role.NORM_GAIN].eps),
+            Role.KEEP: Rule(init="keep", lr="1", wd="1", eps="1")}
+
+
 # (parametrization, optimizer) -> role -> Rule. Muon takes only the hidden matrices; the
 # embedding and norm gains stay on AdamW, so their "muon" rows are their AdamW rows.
-_XMODEL_ADAMW = _rules(
+_XMODEL_ADAMW = _other_roles(_rules(
     embedding=Rule(init="1", lr="1", wd="1"),
     attn_qkv=Rule(init="1/sqrt(m)", lr="1/m", wd="1"),
     ffn_in=Rule(init="1/sqrt(m)", lr="1/m", wd="1"),
@@ -160,11 +210,11 @@ _XMODEL_ADAMW = _rules(
     ffn_out=Rule(init="1/sqrt(2L)", lr="1/m", wd="1"),
     norm_gain=Rule(init="ones", lr="1/m", wd="0"),
     final_norm=Rule(init="ones", lr="1/m", wd="0"),  # the recipe treats every norm gain alike
-)
+))
 # Everything inside a residual branch (hidden matrices, block norm gains) has gradients ~ 1/m *
 # (L0/L)^a and moves the residual stream through the branch multiplier (L0/L)^a, so it takes the
 # depth factors; the embedding and the final norm sit outside the branches: width factors only.
-_MUP_ADAMW = _rules(
+_MUP_ADAMW = _other_roles(_rules(
     embedding=Rule(init="1", lr="1", wd="1", eps="1/m"),
     attn_qkv=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
     ffn_in=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
@@ -172,8 +222,8 @@ _MUP_ADAMW = _rules(
     ffn_out=Rule(init="1/sqrt(m)", lr="1/m*(L/L0)^(a-1)", wd="m*(L/L0)^(1-a)", eps="1/m*(L0/L)^a"),
     norm_gain=Rule(init="ones", lr="(L/L0)^(a-1)", wd="0", eps="1/m*(L0/L)^a"),
     final_norm=Rule(init="ones", lr="1", wd="0", eps="1/m"),
-)
-_SP_ADAMW = _rules(
+))
+_SP_ADAMW = _other_roles(_rules(
     embedding=Rule(init="1", lr="1", wd="1"),
     attn_qkv=Rule(init="1/sqrt(m)", lr="1", wd="1"),
     ffn_in=Rule(init="1/sqrt(m)", lr="1", wd="1"),
@@ -181,7 +231,7 @@ _SP_ADAMW = _rules(
     ffn_out=Rule(init="1/sqrt(m)", lr="1", wd="1"),
     norm_gain=Rule(init="ones", lr="1", wd="0"),
     final_norm=Rule(init="ones", lr="1", wd="0"),
-)
+))
 
 
 def _muon_rows(adamw: dict[Role, Rule], lr: str, wd: str) -> dict[Role, Rule]:
@@ -267,11 +317,12 @@ class ParamSetting:
     name: str
     role: Role
     optimizer: str  # which optimizer owns it: "adamw" or "muon"
-    init_std: float | None  # None: a gain initialised to ones
+    init_std: float | None  # the normal init's std; None: ``init`` says what else (ones, zeros, keep)
     lr: float
     weight_decay: float
     eps: float
     muon_adjust: str | None
+    init: str = "normal"  # normal | ones | zeros | keep (the model's own init is left alone)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -284,49 +335,65 @@ def check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{field} = {value!r} is not allowed; choose one of {list(allowed)}")
 
 
-def resolve(name: str, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str) -> ParamSetting:
-    """Settings of parameter ``name`` when the run uses ``optimizer`` for its hidden matrices."""
+def resolve(name: str, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str, *,
+            roles: RoleMap) -> ParamSetting:
+    """Settings of parameter ``name`` when the run uses ``optimizer`` for its hidden matrices.
+
+    ``model`` is the shape: anything with ``d_model`` (width), ``n_layers`` (depth) and ``head_dim``;
+    ``roles`` the model spec's role map.
+    """
+    return resolve_role(roles.role_of(name), model, param, hp, optimizer, name=name)
+
+
+def resolve_role(role: Role | str, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str,
+                 name: str = "") -> ParamSetting:
+    """Settings of any parameter of ``role`` at this shape (the table needs no name)."""
     check_choice("optimizer", optimizer, OPTIMIZERS)
-    role = role_of(name)
+    role = Role(role)
     rule = TABLE[(param.parametrization, optimizer)][role]
     s = scale_of(model, param)
     f = lambda key: FORMULAS[key](s)  # noqa: E731
     owner = "muon" if (optimizer == "muon" and role in HIDDEN_MATRIX_ROLES) else "adamw"
+    special = rule.init in ("ones", "zeros", "keep")
     return ParamSetting(
-        name=name,
+        name=name or role.value,
         role=role,
         optimizer=owner,
-        init_std=None if rule.init == "ones" else hp.init_std * f(rule.init),
+        init_std=None if special else hp.init_std * f(rule.init),
         lr=hp.lr * f(rule.lr),
         weight_decay=hp.weight_decay * f(rule.wd),
         eps=hp.adam_eps * f(rule.eps) if owner == "adamw" else hp.muon_eps,
         muon_adjust=rule.muon_adjust if owner == "muon" else None,
+        init=rule.init if special else "normal",
     )
 
 
-def resolve_all(named_params, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str):
+def resolve_all(named_params, model: ModelConfig, param: ParamConfig, hp: HParams, optimizer: str, *,
+                roles: RoleMap):
     """ParamSetting for every (name, tensor) pair, in order."""
-    return [resolve(n, model, param, hp, optimizer) for n, _ in named_params]
+    return [resolve(n, model, param, hp, optimizer, roles=roles) for n, _ in named_params]
 
 
 @torch.no_grad()
 def init_weights(module: torch.nn.Module, model: ModelConfig, param: ParamConfig, hp: HParams,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, *, roles: RoleMap) -> None:
     """Initialise every parameter from the table (init does not depend on the optimizer).
 
     An FSDP2 shard (DTensor) gets its rows of the full tensor a one-process init draws: the full
     tensor is drawn (one parameter at a time, never the whole model) and the rank keeps its shard.
-    Meta tensors are skipped.
+    Meta tensors and ``keep`` parameters are skipped.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     for name, p in module.named_parameters():
         if p.device.type == "meta":
             continue
-        setting = resolve(name, model, param, hp, "adamw")
+        setting = resolve(name, model, param, hp, "adamw", roles=roles)
         local = p.to_local() if isinstance(p, DTensor) else p
-        if setting.init_std is None:
-            local.fill_(1.0)
+        if setting.init in ("ones", "zeros"):
+            local.fill_(1.0 if setting.init == "ones" else 0.0)
+        elif setting.init == "keep":
+            continue
         elif isinstance(p, DTensor):
             full = torch.empty(p.shape, device=local.device, dtype=p.dtype)
             full.normal_(0.0, setting.init_std, generator=generator)
@@ -336,18 +403,24 @@ def init_weights(module: torch.nn.Module, model: ModelConfig, param: ParamConfig
 
 
 def param_groups(module: torch.nn.Module, model: ModelConfig, param: ParamConfig, hp: HParams,
-                 optimizer: str, fuse: bool = False) -> dict[str, list[dict]]:
+                 optimizer: str, fuse: bool = False, *, roles: RoleMap,
+                 fuse_key: Callable[[str], str] | None = None) -> dict[str, list[dict]]:
     """Optimizer parameter groups, keyed by the optimizer that owns them ("adamw", "muon").
 
     One group per (role, settings). Each group carries ``role``, ``names`` and ``base_lr`` (its peak
-    LR, which schedules scale) alongside the usual keys; Muon groups carry ``fuse`` (orthogonalise
-    each block's fused sets together, ``FUSED_SETS``) when asked for.
+    LR, which schedules scale) alongside the usual keys; with ``fuse``, Muon groups carry
+    ``fuse_keys`` (one per parameter, from the model spec's ``fuse_key``): the parameters that share
+    a key are orthogonalised as one matrix (the recipe's fused Q|K|V and gate|up).
     """
+    if fuse and optimizer == "muon" and fuse_key is None:
+        raise ConfigError("fused Muon (optimizer.muon_fuse) needs a model spec that names its fused sets "
+                          "(ModelSpec.fuse_key); this model's spec names none")
+    roles.check([n for n, p in module.named_parameters()])
     groups: dict[tuple, dict] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        s = resolve(name, model, param, hp, optimizer)
+        s = resolve(name, model, param, hp, optimizer, roles=roles)
         key = (s.optimizer, s.role, s.lr, s.weight_decay, s.eps, s.muon_adjust)
         if key not in groups:
             g = {"params": [], "names": [], "role": s.role.value, "lr": s.lr, "base_lr": s.lr,
@@ -357,9 +430,13 @@ def param_groups(module: torch.nn.Module, model: ModelConfig, param: ParamConfig
             else:
                 g["adjust_lr_fn"] = s.muon_adjust
                 g["fuse"] = fuse
+                if fuse:
+                    g["fuse_keys"] = []
             groups[key] = g
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
+        if "fuse_keys" in groups[key]:
+            groups[key]["fuse_keys"].append(fuse_key(clean_name(name)))
     out: dict[str, list[dict]] = {"adamw": [], "muon": []}
     for key, g in groups.items():
         out[key[0]].append(g)

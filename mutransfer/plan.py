@@ -19,8 +19,17 @@ from mutransfer.config import (
     load_toml,
     parse,
 )
-from mutransfer.parametrization import HIDDEN_MATRIX_ROLES, OPTIMIZERS, Role, check_choice, resolve, scale_of
+from mutransfer.parametrization import (
+    HIDDEN_MATRIX_ROLES,
+    OPTIMIZERS,
+    Role,
+    check_choice,
+    resolve,
+    resolve_role,
+    scale_of,
+)
 from mutransfer.presets import at_depth, at_width, get_preset
+from mutransfer.transformer_spec import transformer_spec
 
 BYTES_FP32 = 4
 SHAPE_KEYS = ("preset", "width", "depth")  # [model] keys besides ModelConfig's fields
@@ -77,7 +86,9 @@ def resolve_target(target: str, overrides=()) -> tuple[RunShape, dict]:
 def count_params(shape: RunShape) -> dict[str, int]:
     model = build_model(shape, HParams(), device="meta")
     total = sum(p.numel() for p in model.parameters())
-    embedding = model.tok_embeddings.weight.numel()
+    roles = transformer_spec(shape.model).roles
+    embedding = sum(p.numel() for n, p in model.named_parameters()
+                    if roles.role_of(n) in (Role.EMBEDDING, Role.POS_EMBEDDING))
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2)  # tied E counted once
     return {"params_total": total, "params_embedding": embedding, "params_non_embedding": total - embedding,
             "params_matmul": matmul}
@@ -96,8 +107,9 @@ def make_plan(shape: RunShape, hp: HParams, optimizer: str = "adamw", seq_len: i
     counts = count_params(shape)
     rows: dict[tuple, dict] = {}
     hidden_params = 0
+    roles = transformer_spec(shape.model).roles
     for name, p in model.named_parameters():
-        s = resolve(name, shape.model, shape.param, hp, optimizer)
+        s = resolve(name, shape.model, shape.param, hp, optimizer, roles=roles)
         if s.role in HIDDEN_MATRIX_ROLES:
             hidden_params += p.numel()
         key = (s.role, s.optimizer)
@@ -257,33 +269,25 @@ def format_memory(mem: dict) -> str:
 
 # ---------------------------------------------------------------- from the proxy's LR to the target's
 
-ROLE_EXAMPLES = {"embedding": "tok_embeddings.weight", "attn_qkv": "layers.0.attention.wq.weight",
-                 "attn_out": "layers.0.attention.wo.weight", "ffn_in": "layers.0.feed_forward.w1.weight",
-                 "ffn_out": "layers.0.feed_forward.w2.weight", "norm_gain": "layers.0.attention_norm.weight",
-                 "final_norm": "norm.weight"}
-
-
 def transfer_table(lock, target: RunShape, factor: float, applied: bool) -> list[dict]:
     """Per optimizer and role: the LR at the proxy's shape (where the lock was tuned), at the
     target's shape (the muP table's width/depth transfer), and after the fitted horizon/batch laws
     (``factor``; applied to the run only when its config asks for it)."""
     from mutransfer.config import RunShape as Shape
     from mutransfer.config import updated
-    from mutransfer.parametrization import Role
-
     proxy = Shape(model=lock.proxy_model, param=lock.param)
     hp = lock.hparams
+    roles = transformer_spec(target.model).roles
+    present = {roles.role_of(n) for n, _ in build_model(target, hp, device="meta").named_parameters()}
     rows = []
     for optimizer in ("adamw", "muon"):
-        for role in Role:
-            name = ROLE_EXAMPLES.get(role.value)
-            if name is None:
-                continue
-            at_proxy = resolve(name, proxy.model, proxy.param, hp, optimizer)
+        for role in (r for r in Role if r in present):
+            at_proxy = resolve_role(role, proxy.model, proxy.param, hp, optimizer)
             if optimizer == "muon" and at_proxy.optimizer != "muon":
                 continue
-            at_target = resolve(name, target.model, target.param, hp, optimizer)
-            fixed = resolve(name, target.model, target.param, updated(hp, "transfer", lr=hp.lr * factor), optimizer)
+            at_target = resolve_role(role, target.model, target.param, hp, optimizer)
+            fixed = resolve_role(role, target.model, target.param, updated(hp, "transfer", lr=hp.lr * factor),
+                                 optimizer)
             rows.append({"optimizer": at_target.optimizer, "role": role.value, "proxy_lr": at_proxy.lr,
                          "target_lr": at_target.lr, "corrected_lr": fixed.lr, "applied": applied})
     return rows

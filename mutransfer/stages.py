@@ -46,7 +46,7 @@ from mutransfer.config import (
     hparams_from,
     parse,
 )
-from mutransfer.parametrization import resolve
+from mutransfer.parametrization import Role, resolve_role
 from mutransfer.schedule import Schedule, Segment
 
 
@@ -233,7 +233,7 @@ def phase_where(i: int, stage: Stage, j: int) -> str:
 
 def hidden_peak_lr(shape: RunShape, hp: HParams) -> float:
     """The AdamW LR of a hidden matrix at this width (the unit of the logged LR factor)."""
-    return resolve("layers.0.attention.wq.weight", shape.model, shape.param, hp, "adamw").lr
+    return resolve_role(Role.ATTN_QKV, shape.model, shape.param, hp, "adamw").lr
 
 
 def parse_mixture(value, where: str) -> tuple[Source, ...]:
@@ -348,6 +348,7 @@ def describe_stages(raw: dict, shape: RunShape, hp: HParams | None = None) -> li
     """One dict per stage: steps, batch and sequence phases, tokens, LR factors and per-group LRs."""
     from mutransfer.build import build_model
     from mutransfer.parametrization import param_groups
+    from mutransfer.transformer_spec import transformer_spec
 
     if hp is None:
         hp = hparams_from(raw.get("hparams", {}))
@@ -355,7 +356,7 @@ def describe_stages(raw: dict, shape: RunShape, hp: HParams | None = None) -> li
     model = build_model(shape, hp, device="meta")
     peaks = {}
     for kind in ("adamw", "muon"):
-        groups = param_groups(model, shape.model, shape.param, hp, kind)
+        groups = param_groups(model, shape.model, shape.param, hp, kind, roles=transformer_spec(shape.model).roles)
         peaks[kind] = {f"{opt}/{g['role']}": g["base_lr"] for opt, gs in groups.items() for g in gs}
     out = []
     for s in plan.stages:

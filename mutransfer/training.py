@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mutransfer.build import build_model, configure_model
+from mutransfer.build import build, configure_model
 from mutransfer.config import HParams, ProxyTrain, RunShape
 from mutransfer.optim import build_optimizers
 from mutransfer.rundir import pick_device
 from mutransfer.schedule import wsd
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
+from mutransfer.transformer_spec import transformer_spec
 
 __all__ = ["Diverged", "TrainResult", "train_proxy", "ProxyTrain"]
 
@@ -59,11 +60,12 @@ def train_proxy(shape: RunShape, hp: HParams, tc: ProxyTrain, dataset,
     device = pick_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    model = build_model(shape, hp, device=device, seed=tc.seed)
+    spec = transformer_spec(shape.model)
+    model = build(spec, shape.model.d_model, shape.model.n_layers, shape.param, hp, device=device, seed=tc.seed)
     model = prepare_model(model, tc.precision)
-    opt = build_optimizers(model, shape, hp, tc.optimizer)
+    opt = build_optimizers(model, spec, shape.model, shape.param, hp, tc.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    runner = configure_model(model, tc)
+    runner = configure_model(model, tc, spec)
     schedule = wsd(tc.steps, tc.warmup, tc.decay, tc.final_lr_ratio)
     guard = DivergenceGuard(tc.diverge_ratio)
     held_out = eval_batches(dataset, tc)

@@ -1,7 +1,7 @@
 """``mutransfer coord-check``: train a preset at several widths (or depths) a few steps and judge μP in numbers.
 
 Writes to ``--out``: config.json (the resolved settings), coord.parquet (one row per axis value,
-seed, step, module, statistic), verdict.json (``proxy_sweeps.coord_verdict``) and coord.png (drawn
+seed, step, module, statistic), verdict.json (``mutransfer.coord_verdict``) and coord.png (drawn
 from those files by ``analysis.coord``). Exit status: 0 the check passes, 1 it fails, 2 bad input
 (before compute).
 """
@@ -142,8 +142,8 @@ def run(args) -> int:
 
     from analysis.coord import draw
     from mutransfer.coord import run_coord_check
+    from mutransfer.coord_verdict import judge
     from mutransfer.data.builtin import builtin_dataset
-    from proxy_sweeps.coord_verdict import judge
 
     cfg = config_from_args(args)
     args.threads = args.threads or auto_threads()

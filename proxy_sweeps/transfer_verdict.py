@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mutransfer import optimum_stats as stats
 from mutransfer.rundir import read_jsonl, write_json
-from proxy_sweeps import optimum_stats as stats
 
 CONTROL = "sp"
 

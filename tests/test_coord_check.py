@@ -18,8 +18,9 @@ from mutransfer.cli import main
 from mutransfer.config import HParams
 from mutransfer.coord import record_training
 from mutransfer.coord_config import CoordConfig
+from mutransfer.coord_verdict import fit_slope, slope_passes
 from mutransfer.data.builtin import builtin_dataset
-from proxy_sweeps.coord_verdict import fit_slope, slope_passes
+from mutransfer.transformer_spec import transformer_spec
 
 SMALL = ["--widths", "64,128,256,512", "--steps", "4", "--seeds", "2", "--threads", "1"]
 
@@ -143,7 +144,8 @@ def test_recorder_matches_mup_get_coord_data():
     ours = []
     for w, shape in shapes.items():
         model = build_model(shape, hp, seed=0)
-        ours += record_training(model, torch.optim.Adam(model.parameters(), lr=lr), batches, {"width": w})
+        ours += record_training(model, torch.optim.Adam(model.parameters(), lr=lr), batches, {"width": w},
+                               spec=transformer_spec(shape.model))
     ours = pd.DataFrame(ours)
     ours = ours[(ours["statistic"] == "l1") & ~ours["kind"].isin(["loss", "attn_logits"])
                 & ~ours["kind"].str.startswith("dWx")]

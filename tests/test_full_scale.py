@@ -29,6 +29,7 @@ from mutransfer.parametrization import param_groups
 from mutransfer.plan import flops_per_token
 from mutransfer.precision import available
 from mutransfer.presets import get_preset
+from mutransfer.transformer_spec import ROLE_MAP, transformer_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "full_scale" / "smoke.toml"
@@ -112,7 +113,8 @@ def test_lr_curve_is_closed_form_wsd(smoke):
     shape = get_preset("tiny")
     model = build_model(shape, lock.hparams, device="meta")
     peak = {kind: {f"{opt}/{g['role']}": g["base_lr"]
-                   for opt, gs in param_groups(model, shape.model, shape.param, lock.hparams, kind).items()
+                   for opt, gs in param_groups(model, shape.model, shape.param, lock.hparams, kind,
+                                               roles=ROLE_MAP).items()
                    for g in gs} for kind in ("adamw", "muon")}
     hidden_peak = peak["adamw"]["adamw/ffn_in"]
     for r in rows:
@@ -175,12 +177,13 @@ def test_switch_keeps_state_and_can_carry_momentum():
     """The trainer's switch (restart = hidden): Muon for the hidden matrices, AdamW state kept for the rest."""
     shape, hp = get_preset("tiny"), read_lock(ROOT / "full_scale" / "smoke.hparams.lock.json").hparams
     model = build_model(shape, hp)
-    opts = build_optimizers(model, shape, hp, "adamw")
+    spec = transformer_spec(shape.model)
+    opts = build_optimizers(model, spec, shape.model, shape.param, hp, "adamw")
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
     loss_fn(model(tokens[:, :-1]), tokens[:, 1:]).backward()
     opts.step()
     exp_avg = {n: opts.optimizers["adamw"].state[p]["exp_avg"].clone() for n, p in model.named_parameters()}
-    new = switch_to_muon(model, shape, hp, opts, carry_momentum=True)
+    new = switch_to_muon(model, spec, shape.model, shape.param, hp, opts, carry_momentum=True)
     muon = new.optimizers["muon"]
     assert isinstance(muon, Muon) and new.kind == "muon"
     names = {n for g in muon.param_groups for n in g["names"]}
@@ -191,7 +194,7 @@ def test_switch_keeps_state_and_can_carry_momentum():
     emb = params["tok_embeddings.weight"]
     assert torch.equal(new.optimizers["adamw"].state[emb]["exp_avg"], exp_avg["tok_embeddings.weight"])
     # the recipe's restart: every state fresh, the embedding and norm gains included
-    fresh = switch_to_muon(model, shape, hp, opts, restart="all")
+    fresh = switch_to_muon(model, spec, shape.model, shape.param, hp, opts, restart="all")
     assert len(fresh.optimizers["adamw"].state) == 0 and len(fresh.optimizers["muon"].state) == 0
 
 

@@ -33,8 +33,10 @@ from mutransfer.optim import OptimizerSet, build_optimizers
 from mutransfer.parametrization import init_weights
 from mutransfer.presets import at_width, get_preset
 from mutransfer.training import train_proxy
+from mutransfer.transformer_spec import ROLE_MAP, transformer_spec
 
 TINY = get_preset("tiny")
+SPEC = transformer_spec(TINY.model)
 
 # train_proxy(tiny, HParams(), REFERENCE_TRAIN) on builtin_dataset("byte"), one thread, recorded from the
 # code before the kernel changes (per-forward RoPE tables, stack rotation, composite RMSNorm backward,
@@ -97,7 +99,7 @@ def test_rope_buffer_is_rebuilt_after_a_meta_build_and_to_empty():
     assert model.rope_cos.is_meta
     model.to_empty(device="cpu")  # the buffers' memory is fresh here; Transformer.to_empty recomputes them
     assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
-    init_weights(model, TINY.model, TINY.param, hp, generator=torch.Generator().manual_seed(0))
+    init_weights(model, TINY.model, TINY.param, hp, generator=torch.Generator().manual_seed(0), roles=ROLE_MAP)
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     assert torch.equal(model(tokens), ref(tokens))
 
@@ -145,7 +147,7 @@ def test_build_writes_each_parameter_once_from_the_table():
     to_params = [op for op, ptr in writes.ops if ptr in addresses]
     assert sorted(to_params) == sorted(["fill_" if p.ndim == 1 else "normal_" for p in params])
     twin = build_model(TINY, hp, device="meta").to_empty(device="cpu")
-    init_weights(twin, TINY.model, TINY.param, hp, generator=torch.Generator().manual_seed(0))
+    init_weights(twin, TINY.model, TINY.param, hp, generator=torch.Generator().manual_seed(0), roles=ROLE_MAP)
     assert all(torch.equal(a, b) for a, b in zip(params, twin.parameters(), strict=True))
 
 
@@ -200,7 +202,7 @@ def test_adamw_is_fused_on_cpu_and_equals_the_default_implementation():
     shape = RunShape(model=at_width(TINY.model, 128), param=TINY.param)
     model = build_model(shape, hp, seed=0)
     twin = copy.deepcopy(model)
-    fused = build_optimizers(model, shape, hp, "adamw")
+    fused = build_optimizers(model, SPEC, shape.model, shape.param, hp, "adamw")
     adamw = fused.optimizers["adamw"]
     assert adamw.defaults["fused"] is True and len(adamw.param_groups) > 3  # one group per role
     assert len({(g["lr"], g["weight_decay"], g["eps"]) for g in adamw.param_groups}) > 1
@@ -210,19 +212,30 @@ def test_adamw_is_fused_on_cpu_and_equals_the_default_implementation():
     plain = OptimizerSet("adamw", {"adamw": torch.optim.AdamW(groups, lr=hp.lr)})  # torch's default: foreach
     assert not plain.optimizers["adamw"].defaults.get("fused")
     tokens = torch.randint(0, 256, (3, 2, 33), generator=torch.Generator().manual_seed(0))
+    factors = [0.5 + step / 4 for step in range(3)]
     for step in range(3):
         for m, opt in ((model, fused), (twin, plain)):
             m(tokens[step, :, :-1], tokens[step, :, 1:]).backward()
-            opt.set_lr_factor(0.5 + step / 4)
+            opt.set_lr_factor(factors[step])
             opt.step()
             opt.zero_grad()
+    peak = {n: g["base_lr"] for g in adamw.param_groups for n in g["names"]}
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)  # an ulp or two of the weights
+        diff = (p - q).abs()
+        # Almost every entry agrees to an ulp or two of the weights. Adam's step m/(sqrt(v) + eps) is
+        # ill-conditioned where sqrt(v) is near eps (an embedding row its batches hardly touch), and the
+        # two kernels round it differently (seen: 1 entry of 32,768 off by 6.6e-6 on AVX-512); such an
+        # entry still moves at most ~lr a step, so it may differ by a thousandth of the LR travelled --
+        # a wrong group LR, eps or decay would be off by the whole of it.
+        close = diff <= 1e-6 + 1e-5 * q.abs()
+        assert close.float().mean() >= 0.999, (name, int((~close).sum()), diff.max().item())
+        travelled = peak[name] * sum(factors)
+        assert diff.max().item() <= 1e-3 * travelled, (name, diff.max().item(), travelled)
 
 
 def test_adamw_falls_back_where_the_fused_kernel_cannot_take_the_parameters():
     model = build_model(TINY, HParams(), device="meta")
-    opt = build_optimizers(model, TINY, HParams(), "adamw").optimizers["adamw"]
+    opt = build_optimizers(model, SPEC, TINY.model, TINY.param, HParams(), "adamw").optimizers["adamw"]
     assert not opt.defaults.get("fused")
 
 
@@ -237,8 +250,8 @@ def _recorded(dataset, update_tokens: int = 0, precision: str = "fp32") -> pd.Da
     for w in (64, 256):
         shape = RunShape(model=at_width(TINY.model, w), param=TINY.param)
         model = build_model(shape, hp, seed=0)
-        out += record_training(model, build_optimizers(model, shape, hp, "adamw"), batches, {"width": w},
-                               precision=precision, update_tokens=update_tokens)
+        out += record_training(model, build_optimizers(model, SPEC, shape.model, shape.param, hp, "adamw"), batches,
+                               {"width": w}, precision=precision, update_tokens=update_tokens, spec=SPEC)
     return pd.DataFrame(out)
 
 
@@ -251,7 +264,7 @@ def test_recorder_update_effect_from_kept_outputs_equals_the_weight_copy_way(dat
     monkeypatch.setattr(coord, "weights_before", lambda m, rec=None: kept.append(len(rec.outputs)) or real(m, rec))
     fast = _recorded(dataset, update_tokens)
     assert min(kept) == 4 * 7 + 1  # every linear layer and the readout: no weight copied
-    monkeypatch.setattr(coord, "_exact_float32_linear", lambda *args: False)
+    monkeypatch.setattr(coord, "_exact_float32", lambda *args, **kwargs: False)
     slow = _recorded(dataset, update_tokens)
     assert fast[["width", "step", "module", "kind", "statistic"]].equals(slow[["width", "step", "module", "kind",
                                                                                  "statistic"]])
@@ -296,7 +309,7 @@ def test_sample_tokens_takes_evenly_spaced_rows():
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (8, 1)])
 def test_attention_logit_statistics_equal_those_of_the_gathered_causal_entries(heads, kv_heads):
     class Attention(torch.nn.Module):
-        attn_scale = 0.125
+        scale = 0.125
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(3, heads, 20, 16, generator=g), torch.randn(3, kv_heads, 20, 16, generator=g)
@@ -339,5 +352,5 @@ def test_compiled_blocks_train_like_eager_ones(dataset):
     compiled = train_proxy(TINY, HParams(), tc.model_copy(update={"compile": True}), dataset)
     torch.testing.assert_close(torch.tensor(compiled.train_losses), torch.tensor(eager.train_losses),
                                rtol=0, atol=1e-4)
-    model = configure_model(build_model(TINY, HParams(), seed=0), tc.model_copy(update={"compile": True}))
+    model = configure_model(build_model(TINY, HParams(), seed=0), tc.model_copy(update={"compile": True}), SPEC)
     assert not any(k.startswith("rope_") for k in model.state_dict())

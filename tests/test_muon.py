@@ -15,13 +15,14 @@ from mutransfer.build import build_model
 from mutransfer.config import HParams
 from mutransfer.optim import build_optimizers
 from mutransfer.presets import get_preset
+from mutransfer.transformer_spec import transformer_spec
 
 
 def one_step(fuse: bool, seed: int = 0):
     shape = get_preset("tiny")
     hp = HParams()
     model = build_model(shape, hp, seed=seed)
-    opts = build_optimizers(model, shape, hp, "muon", fuse=fuse)
+    opts = build_optimizers(model, transformer_spec(shape.model), shape.model, shape.param, hp, "muon", fuse=fuse)
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(seed))
     model(tokens[:, :-1], tokens[:, 1:]).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

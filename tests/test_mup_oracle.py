@@ -74,6 +74,7 @@ from mutransfer.parametrization import (
     role_of,
 )
 from mutransfer.presets import at_depth, get_preset
+from mutransfer.transformer_spec import ROLE_MAP
 from tests.mup_reference import (
     BASE_WIDTH,
     config_at,
@@ -107,17 +108,17 @@ def our_model(width: int, hp: HParams = HP) -> torch.nn.Module:
 
 
 def our_optimizer(model: torch.nn.Module, width: int, hp: HParams = HP) -> torch.optim.AdamW:
-    groups = param_groups(model, config_at(width), PARAM, hp, "adamw")
+    groups = param_groups(model, config_at(width), PARAM, hp, "adamw", roles=ROLE_MAP)
     assert groups["muon"] == []
     return torch.optim.AdamW(groups["adamw"], lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2))
 
 
 def is_hidden(name: str) -> bool:
-    return role_of(name) in HIDDEN_MATRIX_ROLES
+    return role_of(name, ROLE_MAP) in HIDDEN_MATRIX_ROLES
 
 
 def is_norm(name: str) -> bool:
-    return role_of(name) in NORM_ROLES
+    return role_of(name, ROLE_MAP) in NORM_ROLES
 
 
 def both_settings(width: int, hp: HParams = HP) -> tuple[dict, dict]:
@@ -242,7 +243,7 @@ def test_init_agrees(width):
     ref_params = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
         q = ref_params[name].detach()
-        std = resolve(name, cfg, PARAM, HP, "adamw").init_std
+        std = resolve(name, cfg, PARAM, HP, "adamw", roles=ROLE_MAP).init_std
         if is_norm(name):
             assert std is None
             assert torch.equal(p.detach(), torch.ones_like(p)) and torch.equal(q, torch.ones_like(q))
@@ -265,7 +266,7 @@ def test_tied_logits_multiplier_matches_mu_shared_readout(width):
     readout = ref.output.readout
     assert readout.output_mult == HP.alpha_out
     assert mult.logits == pytest.approx(readout.output_mult / readout.width_mult(), rel=REL)
-    assert ours.output.factor == pytest.approx(mult.logits, rel=REL)
+    assert ours.logit_scale.factor == pytest.approx(mult.logits, rel=REL)
     # the width-free forward constants are the same numbers as the mup user's
     assert mult.embedding == ours.embed_scale.factor == ref.embed_scale.factor == HP.alpha_in
     assert mult.residual_attn == pytest.approx(ref.layers[0].residual_attn, rel=REL)
@@ -326,7 +327,7 @@ def depth_param(alpha: float) -> ParamConfig:
 
 def documented_depth_factors(name: str, depth: int, alpha: float) -> dict[str, float]:
     """docs/mup_table.md: the factors depth adds on top of the width rule, r = L/L0."""
-    role, r = role_of(name), depth / 4
+    role, r = role_of(name, ROLE_MAP), depth / 4
     inside = role in HIDDEN_MATRIX_ROLES or role == Role.NORM_GAIN  # inside a residual branch
     return {"lr": r ** (alpha - 1) if inside else 1.0,
             "weight_decay": r ** (1 - alpha) if role in HIDDEN_MATRIX_ROLES else 1.0,
@@ -339,7 +340,7 @@ def our_deep_model(width: int, alpha: float, hp: HParams = HP) -> torch.nn.Modul
 
 
 def our_deep_optimizer(model, width: int, alpha: float, hp: HParams = HP) -> torch.optim.AdamW:
-    groups = param_groups(model, config_at(width, DEPTH), depth_param(alpha), hp, "adamw")
+    groups = param_groups(model, config_at(width, DEPTH), depth_param(alpha), hp, "adamw", roles=ROLE_MAP)
     return torch.optim.AdamW(groups["adamw"], lr=hp.lr, betas=(hp.adam_beta1, hp.adam_beta2))
 
 
@@ -376,7 +377,8 @@ def test_depth_factor_is_exactly_the_documented_one(width, alpha):
     names = [n for n, _ in build_model(RunShape(model=deep, param=param), HP, device="meta").named_parameters()]
     for optimizer in ("adamw", "muon"):
         for name in names:
-            a, b = resolve(name, shallow, param, HP, optimizer), resolve(name, deep, param, HP, optimizer)
+            a = resolve(name, shallow, param, HP, optimizer, roles=ROLE_MAP)
+            b = resolve(name, deep, param, HP, optimizer, roles=ROLE_MAP)
             f = documented_depth_factors(name, DEPTH, alpha)
             assert b.lr / a.lr == pytest.approx(f["lr"], rel=REL), (optimizer, name)
             if a.weight_decay:

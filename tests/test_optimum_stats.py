@@ -1,4 +1,4 @@
-"""Noise-aware transfer verdicts (proxy_sweeps.optimum_stats) on synthetic loss curves of known optimum.
+"""Noise-aware transfer verdicts (mutransfer.optimum_stats) on synthetic loss curves of known optimum.
 
 Every curve is a parabola in log2 LR plus three kinds of noise of known size: per-seed (one draw
 per seed and LR, shared by that run's evaluation batches), per-eval-batch (one draw per window and
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from proxy_sweeps.optimum_stats import (
+from mutransfer.optimum_stats import (
     EXIT_FAIL,
     EXIT_INCONCLUSIVE,
     EXIT_PASS,

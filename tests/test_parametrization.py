@@ -12,28 +12,29 @@ from mutransfer.config import ConfigError, HParams, ParamConfig, parse
 from mutransfer.parametrization import Role, forward_multipliers, param_groups, resolve, role_of
 from mutransfer.plan import make_plan
 from mutransfer.presets import at_width, get_preset
+from mutransfer.transformer_spec import ROLE_MAP
 
 
 def test_roles_by_name():
-    assert role_of("tok_embeddings.weight") is Role.EMBEDDING
-    assert role_of("layers.3.attention.wk.weight") is Role.ATTN_QKV
-    assert role_of("layers.3.attention.wo.weight") is Role.ATTN_OUT
-    assert role_of("layers.0.feed_forward.w3.weight") is Role.FFN_IN
-    assert role_of("layers.0.feed_forward.w2.weight") is Role.FFN_OUT
-    assert role_of("layers.0.ffn_norm.weight") is Role.NORM_GAIN  # block gains: inside the residual branches
-    assert role_of("layers.11.attention_norm.weight") is Role.NORM_GAIN
-    assert role_of("norm.weight") is Role.FINAL_NORM  # the final norm: outside every branch
-    assert role_of("_orig_mod.norm.weight") is Role.FINAL_NORM
-    assert role_of("_orig_mod.layers.1.attention.wq.weight") is Role.ATTN_QKV  # torch.compile prefix
+    assert role_of("tok_embeddings.weight", ROLE_MAP) is Role.EMBEDDING
+    assert role_of("layers.3.attention.wk.weight", ROLE_MAP) is Role.ATTN_QKV
+    assert role_of("layers.3.attention.wo.weight", ROLE_MAP) is Role.ATTN_OUT
+    assert role_of("layers.0.feed_forward.w3.weight", ROLE_MAP) is Role.FFN_IN
+    assert role_of("layers.0.feed_forward.w2.weight", ROLE_MAP) is Role.FFN_OUT
+    assert role_of("layers.0.ffn_norm.weight", ROLE_MAP) is Role.NORM_GAIN  # block gains: inside the residual branches
+    assert role_of("layers.11.attention_norm.weight", ROLE_MAP) is Role.NORM_GAIN
+    assert role_of("norm.weight", ROLE_MAP) is Role.FINAL_NORM  # the final norm: outside every branch
+    assert role_of("_orig_mod.norm.weight", ROLE_MAP) is Role.FINAL_NORM
+    assert role_of("_orig_mod.layers.1.attention.wq.weight", ROLE_MAP) is Role.ATTN_QKV  # torch.compile prefix
     with pytest.raises(KeyError, match="matches no muP role"):
-        role_of("layers.0.attention.bias")
+        role_of("layers.0.attention.bias", ROLE_MAP)
 
 
 def test_every_parameter_of_every_preset_has_a_role():
     for name in ("tiny", "proxy-20m", "xmodel25-1.3b"):
         model = build_model(get_preset(name), HParams(), device="meta")
-        roles = {role_of(n) for n, _ in model.named_parameters()}
-        assert roles == set(Role)
+        roles = {role_of(n, ROLE_MAP) for n, _ in model.named_parameters()}
+        assert roles == set(Role) - {Role.READOUT, Role.POS_EMBEDDING, Role.BIAS, Role.KEEP}  # none in this model
 
 
 def test_xmodel_plan_1p3b_matches_recipe():
@@ -76,18 +77,18 @@ def test_mup_hidden_scaling_with_width(width):
     m = width / 64
     hp = HParams(lr=0.02, init_std=0.05, weight_decay=0.1, adam_eps=1e-8)
     param = ParamConfig(parametrization="mup", d_base=64, depth_base=4)
-    s = resolve("layers.1.feed_forward.w2.weight", model_cfg, param, hp, "adamw")
+    s = resolve("layers.1.feed_forward.w2.weight", model_cfg, param, hp, "adamw", roles=ROLE_MAP)
     assert (s.lr, s.init_std, s.weight_decay, s.eps) == pytest.approx((0.02 / m, 0.05 / math.sqrt(m), 0.1 * m,
                                                                        1e-8 / m))
     assert s.lr * s.weight_decay == pytest.approx(0.002)  # independent weight decay: width-free product
-    e = resolve("tok_embeddings.weight", model_cfg, param, hp, "adamw")
+    e = resolve("tok_embeddings.weight", model_cfg, param, hp, "adamw", roles=ROLE_MAP)
     assert (e.lr, e.init_std, e.weight_decay, e.eps) == pytest.approx((0.02, 0.05, 0.1, 1e-8 / m))
     for name in ("layers.0.attention_norm.weight", "norm.weight"):  # eps/m for every AdamW group
-        n = resolve(name, model_cfg, param, hp, "adamw")
+        n = resolve(name, model_cfg, param, hp, "adamw", roles=ROLE_MAP)
         assert n.lr == 0.02 and n.weight_decay == 0 and n.init_std is None
         assert n.eps == pytest.approx(1e-8 / m)
-        assert resolve(name, model_cfg, param, hp, "muon").eps == pytest.approx(1e-8 / m)  # still AdamW
-    mu = resolve("layers.0.attention.wq.weight", model_cfg, param, hp, "muon")
+        assert resolve(name, model_cfg, param, hp, "muon", roles=ROLE_MAP).eps == pytest.approx(1e-8 / m)  # still AdamW
+    mu = resolve("layers.0.attention.wq.weight", model_cfg, param, hp, "muon", roles=ROLE_MAP)
     assert mu.optimizer == "muon" and mu.lr == pytest.approx(0.02 / math.sqrt(m))
     assert mu.muon_adjust == "match_rms_adamw"
 
@@ -101,20 +102,21 @@ def test_depth_relative_to_base():
     assert forward_multipliers(base.model, p_half, hp).residual_attn == pytest.approx(1.4 / 2)
     assert forward_multipliers(deep, p_half, hp).residual_attn == pytest.approx(1.4 / 2 / 2)  # (4/16)^0.5
     assert forward_multipliers(deep, p_one, hp).residual_attn == pytest.approx(1.4 / 2 / 4)  # CompleteP
-    s = resolve("layers.0.attention.wq.weight", deep, p_half, hp, "adamw")
+    s = resolve("layers.0.attention.wq.weight", deep, p_half, hp, "adamw", roles=ROLE_MAP)
     assert s.lr == pytest.approx(0.01 * 4**-0.5)  # (L/L0)^(a-1)
     assert s.weight_decay == pytest.approx(0.1 * 4**0.5)  # (L/L0)^(1-a): lr * wd depth-free
     assert s.eps == pytest.approx(1e-8 * 4**-0.5)  # (L0/L)^a
-    assert resolve("layers.0.attention.wq.weight", deep, p_one, hp, "adamw").lr == pytest.approx(0.01)
+    assert resolve("layers.0.attention.wq.weight", deep, p_one, hp, "adamw", roles=ROLE_MAP).lr == pytest.approx(0.01)
     # block norm gains sit inside the branches: the hidden matrices' depth factors (CompleteP's reference)
-    g = resolve("layers.7.ffn_norm.weight", deep, p_half, hp, "adamw")
+    g = resolve("layers.7.ffn_norm.weight", deep, p_half, hp, "adamw", roles=ROLE_MAP)
     assert (g.lr, g.weight_decay, g.eps) == pytest.approx((0.01 * 4**-0.5, 0.0, 1e-8 * 4**-0.5))
-    g = resolve("layers.7.ffn_norm.weight", deep, p_one, hp, "adamw")
+    g = resolve("layers.7.ffn_norm.weight", deep, p_one, hp, "adamw", roles=ROLE_MAP)
     assert (g.lr, g.eps) == pytest.approx((0.01, 1e-8 / 4))
     # the embedding and the final norm sit outside: no depth factor
     for p in (p_half, p_one):
         for name in ("norm.weight", "tok_embeddings.weight"):
-            assert (resolve(name, deep, p, hp, "adamw").lr, resolve(name, deep, p, hp, "adamw").eps) == (0.01, 1e-8)
+            s = resolve(name, deep, p, hp, "adamw", roles=ROLE_MAP)
+            assert (s.lr, s.eps) == (0.01, 1e-8)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 0.75, 1.0])
@@ -128,7 +130,7 @@ def test_mup_numerics_at_the_base_shape_are_the_shipped_ones(optimizer, alpha):
     hp = HParams(lr=0.02, init_std=0.05, weight_decay=0.1, adam_eps=1e-8, muon_eps=1e-7)
     model = build_model(shape, hp, device="meta")
     for name, _ in model.named_parameters():
-        s = resolve(name, shape.model, param, hp, optimizer)
+        s = resolve(name, shape.model, param, hp, optimizer, roles=ROLE_MAP)
         hidden = s.role not in (Role.EMBEDDING, Role.NORM_GAIN, Role.FINAL_NORM)
         gain = s.role in (Role.NORM_GAIN, Role.FINAL_NORM)
         assert s.lr == 0.02, name
@@ -154,7 +156,7 @@ def test_sp_is_the_control():
     wide = at_width(shape.model, 512)
     param = ParamConfig(parametrization="sp", d_base=64, depth_base=4)
     hp = HParams()
-    lrs = {resolve(n, wide, param, hp, "adamw").lr for n in
+    lrs = {resolve(n, wide, param, hp, "adamw", roles=ROLE_MAP).lr for n in
            ("tok_embeddings.weight", "layers.0.attention.wq.weight", "norm.weight")}
     assert lrs == {hp.lr}
     mult = forward_multipliers(wide, param, hp)
@@ -165,7 +167,7 @@ def test_param_groups_cover_every_parameter_once():
     shape = get_preset("tiny")
     model = build_model(shape, HParams())
     for kind in ("adamw", "muon"):
-        groups = param_groups(model, shape.model, shape.param, HParams(), kind)
+        groups = param_groups(model, shape.model, shape.param, HParams(), kind, roles=ROLE_MAP)
         seen = [id(p) for gs in groups.values() for g in gs for p in g["params"]]
         assert len(seen) == len(set(seen)) == len(list(model.parameters()))
         if kind == "muon":

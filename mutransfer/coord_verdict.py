@@ -33,17 +33,17 @@ from mutransfer.rundir import write_json
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_STATISTIC = "l1"
 DESCRIPTIONS = {
-    "embedding": "embedding output after the alpha_in multiplier (embed_scale)",
-    "attn_out": "attention output (attention.wo) of every block",
-    "ffn_out": "MLP output (feed_forward.w2) of every block",
+    "embedding": "embedding output after the alpha_in multiplier",
+    "attn_out": "attention output projection of every block",
+    "ffn_out": "MLP output projection of every block",
     "residual": "residual stream (block output) of every block",
     "attn_logits": "attention logits attn_scale * q k^T (causal entries) of every block",
     "output_logits": "output logits",
-    "dWx.attn_qkv": "update effect dW x of wq, wk, wv in every block",
-    "dWx.attn_out": "update effect dW x of wo in every block",
-    "dWx.ffn_in": "update effect dW x of w1, w3 in every block",
-    "dWx.ffn_out": "update effect dW x of w2 in every block",
-    "dWx.output": "update effect of the tied embedding on the output logits",
+    "dWx.attn_qkv": "update effect dW x of the query, key and value projections in every block",
+    "dWx.attn_out": "update effect dW x of the attention output projection in every block",
+    "dWx.ffn_in": "update effect dW x of the MLP input projections in every block",
+    "dWx.ffn_out": "update effect dW x of the MLP output projection in every block",
+    "dWx.output": "update effect dW x of the readout (tied or not) on the output logits",
 }
 
 
@@ -89,7 +89,7 @@ def seed_intervals(df: pd.DataFrame, statistic: str = DEFAULT_STATISTIC, level: 
     """(kind, step) -> the slope's interval over seeds (``optimum_stats.coord_slope``): each seed's size
     of a kind is its geometric mean over the kind's blocks, so the interval is that of the verdict's
     mean-over-blocks slope. None where there are fewer than 2 seeds."""
-    from proxy_sweeps.optimum_stats import coord_slope
+    from mutransfer.optimum_stats import coord_slope
 
     axis = axis_of(df)
     d = df[(df["statistic"] == statistic) & df["kind"].isin(KINDS) & (df["value"] > 0)]
@@ -163,7 +163,7 @@ def verdict(df: pd.DataFrame, param: str, threshold: float = DEFAULT_THRESHOLD,
         "statistic": statistic,
         "threshold": threshold,
         "axis": axis,
-        "interval": "90 % over seeds (bootstrap sd x t, proxy_sweeps.optimum_stats.coord_slope); the verdict "
+        "interval": "90 % over seeds (bootstrap sd x t, mutransfer.optimum_stats.coord_slope); the verdict "
                     "is judged on the slope itself",
         "rule": (f"slope of log2({statistic}) vs log2({axis}), mean over blocks; step 0 (init and first "
                  f"update): slope <= {threshold}; step 1: |slope| <= {threshold} except "
@@ -207,9 +207,15 @@ def judge(out_dir: str | Path, threshold: float | None = None, statistic: str | 
     params = list(dict.fromkeys(df["param"]))
     main = config.get("param", params[0])
     verdicts = [verdict(df, p, threshold, statistic) for p in [main, *[p for p in params if p != main]]]
-    for v in verdicts:
-        v["summary_line"] = summary_line(v, config)
-    result = {**verdicts[0], "compare": {v["param"]: v for v in verdicts[1:]},
-              "summary": [v["summary_line"] for v in verdicts]}
+    result = combine(verdicts, config)
     write_json(out / "verdict.json", result)
     return result
+
+
+def combine(verdicts: list[dict], config: dict) -> dict:
+    """The verdict of the parametrization under test (first), the controls under ``compare``, and a
+    summary line each: what verdict.json holds."""
+    for v in verdicts:
+        v["summary_line"] = summary_line(v, config)
+    return {**verdicts[0], "compare": {v["param"]: v for v in verdicts[1:]},
+            "summary": [v["summary_line"] for v in verdicts]}

@@ -1,0 +1,1 @@
+"""Examples of user models under mutransfer (each with its model spec)."""
