@@ -32,7 +32,7 @@ from mutransfer.config import (
 )
 from mutransfer.laws import TransferCorrection, corrected, correction
 from mutransfer.lockfile import Lock, check_lock_matches, read_lock
-from mutransfer.plan import shape_from_config
+from mutransfer.plan import builtin_only, shape_from_config
 from mutransfer.stages import StagePlan, parse_stages
 
 TOP_LEVEL = ("model", "param", "stages", "optimizer", "data", "train", "parallel", "checkpoint", "metrics",
@@ -174,6 +174,7 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     lock_path = lock_path_of(path, train, hparams_path)
     lock = read_lock(lock_path)
     shape = shape_from_config(raw, Path(path).name, param_default=lock.param)
+    builtin_only(shape, "mutransfer train")
     check_lock_matches(lock, shape)
     check_dims(shape.model, train.precision)
     stages = parse_stages(raw, shape, lock.hparams)

@@ -239,6 +239,26 @@ class ModelConfig(Config):
         return self.n_heads // self.n_kv_heads
 
 
+SpecArg = int | float | bool | str | list[int | float | bool | str]
+
+
+class SpecModel(Config):
+    """``[model]`` of a user's own model: ``spec = "package.module:factory"`` returns its
+    ``mutransfer.spec.ModelSpec`` (called with ``args``); ``width`` and ``depth`` in the table give
+    ``d_model`` and ``n_layers`` (default: the spec's own). ``head_dim``, ``vocab_size`` and
+    ``max_seq_len`` are read from the spec when the config is loaded, so the file need not repeat them.
+    """
+
+    spec: str  # "package.module:factory", imported in every process that builds the model
+    args: dict[str, SpecArg] = Field(default_factory=dict)  # keyword arguments of the factory
+    d_model: PosInt  # width d
+    n_layers: PosInt  # depth L
+    head_dim: PosInt  # at this width (the softmax scale 1/d_head)
+    vocab_size: PosInt
+    max_seq_len: PosInt = 4096
+    tokenizer: str = "byte"  # byte | deepseek-v3 | path to a tokenizer.json
+
+
 class ParamConfig(Config):
     """Which parametrization, and the base shape the base hyperparameters belong to."""
 
@@ -301,9 +321,10 @@ HPARAM_FLOAT_FIELDS = tuple(n for n, f in HParams.model_fields.items() if base_t
 
 
 class RunShape(Config):
-    """A model with its parametrization: what ``plan`` and the trainers build."""
+    """A model with its parametrization: what ``plan`` and the trainers build (the built-in
+    Transformer's ``ModelConfig``, or a user's ``SpecModel``)."""
 
-    model: ModelConfig
+    model: ModelConfig | SpecModel
     param: ParamConfig = Field(default_factory=ParamConfig)
 
 

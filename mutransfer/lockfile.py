@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mutransfer.config import ConfigError, HParams, ModelConfig, ParamConfig, RunShape, parse
+from mutransfer.config import ConfigError, HParams, ModelConfig, ParamConfig, RunShape, SpecModel, parse
 from mutransfer.rundir import write_json
 
 FORMAT = "mutransfer.hparams.lock/1"
@@ -22,7 +22,7 @@ FORMAT = "mutransfer.hparams.lock/1"
 class Lock:
     hparams: HParams
     param: ParamConfig
-    proxy_model: ModelConfig
+    proxy_model: ModelConfig | SpecModel
     tokenizer: str
     provenance: dict
     content_hash: str
@@ -37,7 +37,7 @@ def content_hash(body: dict) -> str:
     return "sha256:" + hashlib.sha256(_canonical(body).encode()).hexdigest()
 
 
-def lock_body(hparams: HParams, param: ParamConfig, proxy_model: ModelConfig, provenance: dict,
+def lock_body(hparams: HParams, param: ParamConfig, proxy_model: ModelConfig | SpecModel, provenance: dict,
               laws: dict | None = None) -> dict:
     body = {
         "format": FORMAT,
@@ -52,7 +52,7 @@ def lock_body(hparams: HParams, param: ParamConfig, proxy_model: ModelConfig, pr
     return body
 
 
-def write_lock(path: str | Path, hparams: HParams, param: ParamConfig, proxy_model: ModelConfig,
+def write_lock(path: str | Path, hparams: HParams, param: ParamConfig, proxy_model: ModelConfig | SpecModel,
                provenance: dict, laws: dict | None = None) -> dict:
     """Write atomically; returns the written object. ``laws``: fitted horizon/batch laws (optional)."""
     body = lock_body(hparams, param, proxy_model, provenance, laws)
@@ -90,7 +90,8 @@ def read_lock(path: str | Path) -> Lock:
     return Lock(
         hparams=parse(HParams, obj["hparams"], "lock.hparams"),
         param=parse(ParamConfig, obj["param"], "lock.param"),
-        proxy_model=parse(ModelConfig, obj["proxy_model"], "lock.proxy_model"),
+        proxy_model=parse(SpecModel if isinstance(obj["proxy_model"], dict) and "spec" in obj["proxy_model"]
+                          else ModelConfig, obj["proxy_model"], "lock.proxy_model"),
         tokenizer=obj["tokenizer"],
         provenance=obj.get("provenance", {}),
         content_hash=obj["content_hash"],

@@ -15,6 +15,7 @@ from mutransfer.config import (
     ModelConfig,
     ParamConfig,
     RunShape,
+    SpecModel,
     apply_overrides,
     load_toml,
     parse,
@@ -29,6 +30,7 @@ from mutransfer.parametrization import (
     scale_of,
 )
 from mutransfer.presets import at_depth, at_width, get_preset
+from mutransfer.specs import spec_model, spec_of
 from mutransfer.transformer_spec import transformer_spec
 
 BYTES_FP32 = 4
@@ -46,6 +48,11 @@ def shape_from_config(data: dict, where: str, param_default: ParamConfig | None 
     if not isinstance(model_table, dict):
         raise ConfigError(f"{where}.model: expected a table")
     model_table = dict(model_table)
+    if "spec" in model_table:  # a user's model: its spec gives the base shape of the rules
+        model = spec_model(model_table, where)
+        spec = spec_of(model)
+        return _with_param(data, RunShape(model=model, param=param_default or ParamConfig(
+            d_base=spec.width, depth_base=spec.depth)), where)
     preset, width, depth = (model_table.pop(k, None) for k in SHAPE_KEYS)
     if preset is None:
         model = parse(ModelConfig, model_table, f"{where}.model")
@@ -62,12 +69,17 @@ def shape_from_config(data: dict, where: str, param_default: ParamConfig | None 
         model = at_width(model, width)
     if depth is not None:
         model = at_depth(model, depth)
-    param = param_default or param
-    if "param" in data:
-        if not isinstance(data["param"], dict):
-            raise ConfigError(f"{where}.param: expected a table")
-        param = parse(ParamConfig, {**param.model_dump(), **data["param"]}, f"{where}.param")
-    return RunShape(model=model, param=param)
+    return _with_param(data, RunShape(model=model, param=param_default or param), where)
+
+
+def _with_param(data: dict, shape: RunShape, where: str) -> RunShape:
+    """``shape`` with the config's ``[param]`` overrides."""
+    if "param" not in data:
+        return shape
+    if not isinstance(data["param"], dict):
+        raise ConfigError(f"{where}.param: expected a table")
+    param = parse(ParamConfig, {**shape.param.model_dump(), **data["param"]}, f"{where}.param")
+    return RunShape(model=shape.model, param=param)
 
 
 def resolve_target(target: str, overrides=()) -> tuple[RunShape, dict]:
@@ -100,7 +112,15 @@ def flops_per_token(shape: RunShape, seq_len: int) -> int:
     return 6 * count_params(shape)["params_matmul"] + 6 * m.n_layers * m.n_heads * m.head_dim * seq_len
 
 
+def builtin_only(shape: RunShape, what: str) -> None:
+    """``what`` models the built-in Transformer (its memory, its stages): a spec model is an error naming the field."""
+    if isinstance(shape.model, SpecModel):
+        raise ConfigError(f"model.spec = {shape.model.spec!r}: {what} supports the built-in Transformer only "
+                          "(model.preset or its fields); sweeps, transfer checks and coordinate checks take any spec")
+
+
 def make_plan(shape: RunShape, hp: HParams, optimizer: str = "adamw", seq_len: int | None = None) -> dict:
+    builtin_only(shape, "plan")
     check_choice("optimizer", optimizer, OPTIMIZERS)
     seq_len = seq_len or min(shape.model.max_seq_len, 4096)
     model = build_model(shape, hp, device="meta")

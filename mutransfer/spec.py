@@ -155,6 +155,7 @@ class ModelSpec:
     taps: extra coordinate-check taps, kind -> module pattern; the multiplier sites give the rest.
     fuse_key: parameter name -> the name of the fused matrix it belongs to (fused Muon), or None.
     vocab_size: the largest token id + 1 the model accepts (checked against the data's tokenizer).
+    max_seq_len: the longest sequence it takes (position embeddings, RoPE tables); None: 4096.
     meta_build: build on the meta device and give it storage afterwards (``to_empty``): only for a
       model that recomputes its buffers in ``to_empty``.
     """
@@ -172,6 +173,7 @@ class ModelSpec:
     taps: Mapping[str, str] = field(default_factory=dict)
     fuse_key: Callable[[str], str] | None = None
     vocab_size: int | None = None
+    max_seq_len: int | None = None
     meta_build: bool = False
 
     def __post_init__(self):

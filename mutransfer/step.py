@@ -141,8 +141,10 @@ class DivergenceGuard:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, *, precision: str, device: torch.device | str) -> EvalResult:
-    """Mean held-out loss over fixed batches (every rank runs the same batches: FSDP needs all ranks)."""
+def evaluate(model: nn.Module, batches, *, precision: str, device: torch.device | str,
+             loss_of: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = model_loss) -> EvalResult:
+    """Mean held-out loss over fixed batches (every rank runs the same batches: FSDP needs all ranks);
+    ``loss_of`` as in ``train_step`` (a model spec's ``loss``)."""
     from mutransfer.precision import autocast
 
     device = torch.device(device)
@@ -153,7 +155,7 @@ def evaluate(model: nn.Module, batches, *, precision: str, device: torch.device 
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             with autocast(precision, device.type):
-                value = model(x, y).item()
+                value = loss_of(model, x, y).item()
             per_batch.append(value)
             total += value * x.shape[0]
             count += x.shape[0]

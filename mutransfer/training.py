@@ -20,8 +20,8 @@ from mutransfer.config import HParams, ProxyTrain, RunShape
 from mutransfer.optim import build_optimizers
 from mutransfer.rundir import pick_device
 from mutransfer.schedule import wsd
+from mutransfer.specs import spec_of
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
-from mutransfer.transformer_spec import transformer_spec
 
 __all__ = ["Diverged", "TrainResult", "train_proxy", "ProxyTrain"]
 
@@ -60,7 +60,7 @@ def train_proxy(shape: RunShape, hp: HParams, tc: ProxyTrain, dataset,
     device = pick_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    spec = transformer_spec(shape.model)
+    spec = spec_of(shape.model)
     model = build(spec, shape.model.d_model, shape.model.n_layers, shape.param, hp, device=device, seed=tc.seed)
     model = prepare_model(model, tc.precision)
     opt = build_optimizers(model, spec, shape.model, shape.param, hp, tc.optimizer)
@@ -76,7 +76,8 @@ def train_proxy(shape: RunShape, hp: HParams, tc: ProxyTrain, dataset,
         micro = [(xs.to(device), ys.to(device)) for xs, ys in zip(x.chunk(tc.micro_batches), y.chunk(tc.micro_batches),
                                                                    strict=True)]
         out = train_step(runner, opt, micro, params=params, precision=tc.precision,
-                         device_type=device.type, grad_clip=hp.grad_clip, lr_factor=schedule.factor(step))
+                         device_type=device.type, grad_clip=hp.grad_clip, lr_factor=schedule.factor(step),
+                         loss_of=spec.loss)
         result.train_losses.append(out.loss)
         result.grad_norms.append(out.grad_norm)
         result.tokens += x.numel()
@@ -85,7 +86,7 @@ def train_proxy(shape: RunShape, hp: HParams, tc: ProxyTrain, dataset,
             on_step(step, out.loss)
         if (step + 1) % tc.eval_every == 0 or step + 1 == tc.steps:
             try:
-                ev = evaluate(runner, held_out, precision=tc.precision, device=device)
+                ev = evaluate(runner, held_out, precision=tc.precision, device=device, loss_of=spec.loss)
             except Diverged as e:
                 raise Diverged(f"{e.reason} at step {step + 1}") from None
             result.val_losses.append((step + 1, ev.loss))

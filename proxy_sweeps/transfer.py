@@ -51,8 +51,8 @@ from mutransfer.config import (
     updated,
 )
 from mutransfer.plan import shape_from_config
-from mutransfer.presets import at_depth, at_width
 from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
+from mutransfer.specs import at_depth, at_width
 from mutransfer.training import Diverged, train_proxy
 from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
 
