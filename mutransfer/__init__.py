@@ -20,6 +20,8 @@ _EXPORTS = {
     "ModelSpec": "mutransfer.spec",
     "Multipliers": "mutransfer.spec",
     "load_spec": "mutransfer.spec",
+    "mup_spec": "mutransfer.spec",
+    "infer_roles": "mutransfer.infer_roles",
     "RoleMap": "mutransfer.parametrization",
     "ROLES": "mutransfer.parametrization",
     "HParams": "mutransfer.config",

@@ -31,7 +31,7 @@ from mutransfer.spec import ModelSpec
 from mutransfer.step import train_step
 
 ACTIVATION_KINDS = ("embedding", "attn_out", "ffn_out", "residual", "attn_logits", "output_logits")
-UPDATE_KINDS = ("dWx.attn_qkv", "dWx.attn_out", "dWx.ffn_in", "dWx.ffn_out", "dWx.output")
+UPDATE_KINDS = ("dWx.attn_qkv", "dWx.attn_out", "dWx.ffn_in", "dWx.ffn_out", "dWx.hidden", "dWx.output")
 KINDS = ACTIVATION_KINDS + UPDATE_KINDS
 LOGIT_KINDS = ("attn_logits", "output_logits")  # may shrink at step 1 (after the first update)
 

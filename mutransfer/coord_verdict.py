@@ -43,6 +43,7 @@ DESCRIPTIONS = {
     "dWx.attn_out": "update effect dW x of the attention output projection in every block",
     "dWx.ffn_in": "update effect dW x of the MLP input projections in every block",
     "dWx.ffn_out": "update effect dW x of the MLP output projection in every block",
+    "dWx.hidden": "update effect dW x of the hidden matrices of no named kind (roles inferred from shapes)",
     "dWx.output": "update effect dW x of the readout (tied or not) on the output logits",
 }
 

@@ -56,13 +56,14 @@ class Role(StrEnum):
     ATTN_OUT = "attn_out"
     FFN_IN = "ffn_in"
     FFN_OUT = "ffn_out"
+    HIDDEN = "hidden"  # a hidden matrix of no named kind (roles inferred from shapes): attn_qkv's rules
     NORM_GAIN = "norm_gain"  # the norm gains inside the residual branches
     FINAL_NORM = "final_norm"  # the final norm gain, outside every residual branch
     BIAS = "bias"  # biases (any layer): zeros, a norm gain's LR and eps, no weight decay
     KEEP = "keep"  # left alone: the model's own init, trained with the base eta, lambda and eps unscaled
 
 
-HIDDEN_MATRIX_ROLES = (Role.ATTN_QKV, Role.ATTN_OUT, Role.FFN_IN, Role.FFN_OUT)
+HIDDEN_MATRIX_ROLES = (Role.ATTN_QKV, Role.ATTN_OUT, Role.FFN_IN, Role.FFN_OUT, Role.HIDDEN)
 ROLES = tuple(r.value for r in Role)
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "module.")
@@ -191,11 +192,13 @@ def _rules(**by_role: Rule) -> dict[Role, Rule]:
 
 
 def _other_roles(rows: dict[Role, Rule]) -> dict[Role, Rule]:
-    """The roles real models add, each written in terms of the seven above: a readout and position
+    """The roles real models add, each written in terms of the seven above: a hidden matrix of no
+    named kind takes the input-side rules (under mup all four hidden kinds share them); a readout and position
     embeddings are vector-like like the embedding (mup: fan-out finite); a bias moves like a norm
     gain (its gradient is the sum of the same output gradients), starts at zero and is not decayed;
     ``keep`` takes the base values unscaled and keeps the model's own init."""
-    return {**rows, Role.READOUT: rows[Role.EMBEDDING], Role.POS_EMBEDDING: rows[Role.EMBEDDING],
+    return {**rows, Role.HIDDEN: rows[Role.ATTN_QKV],
+            Role.READOUT: rows[Role.EMBEDDING], Role.POS_EMBEDDING: rows[Role.EMBEDDING],
             Role.BIAS: Rule(init="zeros", lr=rows[Role.NORM_GAIN].lr, wd="0", eps=rows[Role.NORM_GAIN].eps),
             Role.KEEP: Rule(init="keep", lr="1", wd="1", eps="1")}
 

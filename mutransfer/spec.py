@@ -27,7 +27,7 @@ from torch import nn
 from mutransfer.config import ConfigError
 from mutransfer.parametrization import ForwardMultipliers, RoleMap
 
-__all__ = ["ModelSpec", "Multipliers", "SpecShape", "load_spec", "modules_matching"]
+__all__ = ["ModelSpec", "Multipliers", "SpecShape", "load_spec", "modules_matching", "mup_spec"]
 
 # Coordinate-check kinds a spec may tap (mutransfer.coord); "attn_logits" needs a module called with
 # (q, k) that holds its softmax scale as ``scale``.
@@ -142,7 +142,8 @@ class ModelSpec:
     build: ``build(width, depth) -> nn.Module``, called under a ``torch.device`` context (the meta
       device when ``meta_build``); its parameters are then initialised from the muP table.
     roles: parameter-name pattern -> role (``mutransfer.parametrization.ROLES``); every parameter
-      must match exactly one.
+      must match exactly one. None: inferred from the shapes at ``width`` and 2 x ``width``
+      (``mutransfer.infer_roles``; hidden matrices then get the generic ``hidden`` role).
     width, depth: the model's own (proxy) shape; the default base width and depth of the rules.
     head_dim: the attention head dim at a width (an int when it stays fixed), for the softmax scale.
     multipliers: where the forward multipliers act (``Multipliers``), or a function
@@ -162,7 +163,7 @@ class ModelSpec:
 
     name: str
     build: Callable[[int, int], nn.Module]
-    roles: RoleMap | Mapping[str, str]
+    roles: RoleMap | Mapping[str, str] | None
     width: int
     depth: int
     head_dim: int | Callable[[int], int]
@@ -177,6 +178,10 @@ class ModelSpec:
     meta_build: bool = False
 
     def __post_init__(self):
+        if self.roles is None:  # inferred from shapes at two widths, as mup's set_base_shapes does
+            from mutransfer.infer_roles import infer_roles
+
+            object.__setattr__(self, "roles", infer_roles(self.build, self.width, self.depth))
         if not isinstance(self.roles, RoleMap):
             object.__setattr__(self, "roles", RoleMap(self.roles))
         for key in ("width", "depth"):
@@ -258,3 +263,15 @@ def load_spec(target: str, kwargs: Mapping | None = None, where: str = "model.sp
     if not isinstance(spec, ModelSpec):
         raise ConfigError(f"{where} = {target!r} returned {type(spec).__name__}, not a mutransfer ModelSpec")
     return spec
+
+
+def mup_spec(build: Callable[[int, int], nn.Module], width: int, depth: int, head_dim: int | Callable[[int], int],
+             *, name: str = "mup-model", multipliers: Multipliers | None = None, **fields) -> ModelSpec:
+    """A spec for a model already written for microsoft mup, used as it is: its roles read once from
+    its shapes (``width`` against 2 x ``width``: mup's base and delta), and no logit hook -- its
+    ``MuReadout`` already multiplies its input by ``output_mult / width_mult`` -- unless
+    ``multipliers`` asks for some (e.g. the softmax scale). ``fields`` go to ``ModelSpec``; give
+    ``taps={"output_logits": <readout pattern>}`` for the coordinate check's logits and readout update.
+    """
+    return ModelSpec(name=name, build=build, roles=None, width=width, depth=depth, head_dim=head_dim,
+                     multipliers=multipliers or Multipliers(), **fields)

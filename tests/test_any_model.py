@@ -85,8 +85,8 @@ def test_unmatched_and_twice_matched_names_are_listed_before_any_compute():
 
 
 def test_a_role_map_refuses_unknown_roles_and_bad_patterns():
-    with pytest.raises(ConfigError, match=r"'hidden' is not a role; choose one of \[.*'readout'.*'keep'"):
-        RoleMap({r"\.weight$": "hidden"})
+    with pytest.raises(ConfigError, match=r"'matrix' is not a role; choose one of \[.*'readout'.*'keep'"):
+        RoleMap({r"\.weight$": "matrix"})
     with pytest.raises(ConfigError, match="not a regular expression"):
         RoleMap({r"(": "bias"})
     assert RoleMap(ROLES).role_of("_orig_mod.transformer.h.0.attn.c_attn.weight").value == "attn_qkv"

@@ -109,3 +109,41 @@ def test_llama_coordinate_check_passes_under_mup_and_fails_under_sp():
     sp_result = mt.coord_check(llama_spec(), parametrization="sp", **settings)
     assert not sp_result.passed
     assert {"output_logits", "dWx.attn_out", "dWx.ffn_out", "residual"} <= set(sp_result.verdict["failing_modules"])
+
+
+def mup_written_build(width: int, depth: int):
+    """A user's build for a model already written for mup: MuReadout, and set_base_shapes inside."""
+    with torch.device("meta"):
+        base, delta = mup_llama_unshaped(BASE, depth), mup_llama_unshaped(DELTA, depth)
+    model = mup_llama_unshaped(width, depth)
+    mup.set_base_shapes(model, base, delta=delta)
+    return model
+
+
+def mup_llama_unshaped(width: int, depth: int):
+    model = transformers.LlamaForCausalLM(llama_config(width, depth))
+    model.lm_head = mup.MuReadout(width, 256, bias=False, output_mult=HP.alpha_out)
+    return model
+
+
+def test_a_model_written_for_mup_is_used_as_it_is():
+    """Roles read from its shapes (mup's base and delta widths), no logit hook (MuReadout divides by
+    width_mult itself): per-parameter LR equal to MuAdamW's on the same model, and its logits are
+    MuReadout's own."""
+    from mutransfer.hf_llama import MULTIPLIERS, logits, loss
+    spec = mt.mup_spec(mup_written_build, width=BASE, depth=4, head_dim=16, name="mup-llama",
+                    multipliers=mt.Multipliers(attn_scale=MULTIPLIERS.attn_scale), loss=loss, logits=logits,
+                    blocks=r"^model\.layers\.\d+$", taps={"output_logits": r"^lm_head$"}, vocab_size=256)
+    roles = {n: spec.roles.role_of(n).value for n, _ in mup_written_build(64, 4).named_parameters()}
+    assert roles["lm_head.weight"] == "readout" and roles["model.embed_tokens.weight"] == "embedding"
+    assert roles["model.layers.0.mlp.down_proj.weight"] == "hidden" and roles["model.norm.weight"] == "norm_gain"
+    model = mt.make_model(spec, width=256, hparams=HP, seed=0)
+    ours = {n: g["lr"] for g in mt.param_groups(spec, model, HP, width=256, depth=4) for n in g["names"]}
+    opt = mup.MuAdamW(model.parameters(), lr=HP.lr)
+    name = {id(p): n for n, p in model.named_parameters()}
+    theirs = {name[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert ours.keys() == theirs.keys()
+    assert all(ours[n] == pytest.approx(theirs[n], rel=1e-6) for n in ours), {n: (ours[n], theirs[n]) for n in ours}
+    x = torch.randint(0, 256, (2, 8))
+    h = model.model(input_ids=x).last_hidden_state
+    torch.testing.assert_close(logits(model, x), HP.alpha_out / 4 * h @ model.lm_head.weight.T, rtol=1e-5, atol=1e-6)

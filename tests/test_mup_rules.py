@@ -28,7 +28,7 @@ from mutransfer.parametrization import HIDDEN_MATRIX_ROLES, Role
 FLAT = 0.25  # |log2 slope| below this is flat; a slope within this of the prediction matches it
 WIDTHS = (64, 128, 256, 512)
 DEPTHS = (4, 8, 16, 32)  # at a = 1 the final gain's gradient still creeps up from L = 4 to 8, then settles
-BLOCK = (*(r.value for r in HIDDEN_MATRIX_ROLES), Role.NORM_GAIN.value)  # inside the residual branches
+BLOCK = (*(r.value for r in HIDDEN_MATRIX_ROLES if r is not Role.HIDDEN), Role.NORM_GAIN.value)  # inside the branches
 OUTSIDE = (Role.EMBEDDING.value, Role.FINAL_NORM.value)
 TINY_ROLES = {*BLOCK, *OUTSIDE}  # the roles the built-in Transformer has
 ADAMW_ROLES = {"adamw": TINY_ROLES, "muon": {*OUTSIDE, Role.NORM_GAIN.value}}

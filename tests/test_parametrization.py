@@ -34,7 +34,8 @@ def test_every_parameter_of_every_preset_has_a_role():
     for name in ("tiny", "proxy-20m", "xmodel25-1.3b"):
         model = build_model(get_preset(name), HParams(), device="meta")
         roles = {role_of(n, ROLE_MAP) for n, _ in model.named_parameters()}
-        assert roles == set(Role) - {Role.READOUT, Role.POS_EMBEDDING, Role.BIAS, Role.KEEP}  # none in this model
+        # the roles the built-in Transformer has (no readout, position embedding, bias, keep or generic hidden)
+        assert roles == set(Role) - {Role.READOUT, Role.POS_EMBEDDING, Role.BIAS, Role.KEEP, Role.HIDDEN}
 
 
 def test_xmodel_plan_1p3b_matches_recipe():
