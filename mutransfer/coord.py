@@ -26,7 +26,6 @@ from torch import nn
 from mutransfer.coord_config import CoordConfig
 from mutransfer.model import loss_fn
 from mutransfer.parametrization import HIDDEN_MATRIX_ROLES
-from mutransfer.presets import get_preset
 from mutransfer.spec import ModelSpec
 from mutransfer.step import train_step
 
@@ -256,20 +255,20 @@ def fixed_batches(cfg: CoordConfig, dataset) -> list[tuple[torch.Tensor, torch.T
 
 def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Train the preset at every width and seed for ``cfg.steps`` steps; all records, in order."""
-    from mutransfer.transformer_spec import transformer_spec
+    from mutransfer.specs import spec_of
 
     cfg = cfg.resolved()
     cfg.check_device()
-    preset = get_preset(cfg.preset)
+    shapes = cfg.shapes()
+    tokenizer = shapes[0].model.tokenizer
     if dataset is None:
         from mutransfer.data.builtin import builtin_dataset
 
-        dataset = builtin_dataset(tokenizer=preset.model.tokenizer)
-    dataset.check_tokenizer(preset.model.tokenizer)
+        dataset = builtin_dataset(tokenizer=tokenizer)
+    dataset.check_tokenizer(tokenizer)
     batches = [(x.to(cfg.device), y.to(cfg.device)) for x, y in fixed_batches(cfg, dataset)]
-    shapes = cfg.shapes()
     points = [(s.model.d_model, s.model.n_layers) for s in shapes]
-    return spec_records(transformer_spec(preset.model), points, shapes[0].param, cfg.hparams(), batches,
+    return spec_records(spec_of(shapes[0].model), points, shapes[0].param, cfg.hparams(), batches,
                         optimizer=cfg.optimizer, precision=cfg.precision, seeds=cfg.seeds, device=cfg.device,
                         grad_clip=cfg.grad_clip, update_tokens=cfg.update_tokens, axis=cfg.axis, progress=progress)
 

@@ -19,9 +19,10 @@ from mutransfer.config import (
     PosInt,
     Precision,
     RunShape,
+    SpecArg,
     updated,
 )
-from mutransfer.presets import at_depth, at_width, get_preset
+from mutransfer.presets import get_preset
 
 # Default base LR per optimizer, applied from step 0 with no warmup, so every step of the check
 # moves the weights more than the same step of a training run, which warms up (RECIPE section 6:
@@ -42,6 +43,8 @@ class CoordConfig(Config):
     """
 
     preset: str = "tiny"
+    spec: str | None = None  # a user's model, "package.module:factory" (mutransfer.spec), instead of the preset
+    spec_args: dict[str, SpecArg] = Field(default_factory=dict)  # the factory's keyword arguments
     widths: list[PosInt] = Field(default_factory=list)  # empty: default_widths(preset), unless depths
     depths: list[PosInt] = Field(default_factory=list)  # the depth axis (slopes against log2 depth)
     steps: PosInt = 10
@@ -61,17 +64,34 @@ class CoordConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> CoordConfig:
-        shape = get_preset(self.preset)
         if self.widths and self.depths:
             raise ValueError("give widths or depths (one axis at a time), not both")
         values = self.axis_values()
         if len(set(values)) < 2 or len(set(values)) != len(values):
             raise ValueError(f"{self.axis}s = {list(values)}: need at least two distinct values, no repeats, "
                              "to fit a slope")
-        if self.seq_len > shape.model.max_seq_len:
+        if self.spec is None and self.seq_len > get_preset(self.preset).model.max_seq_len:
             raise ValueError(f"seq_len = {self.seq_len} exceeds the preset's max_seq_len = "
-                             f"{shape.model.max_seq_len}")
+                             f"{get_preset(self.preset).model.max_seq_len}")
         return self
+
+    @property
+    def name(self) -> str:
+        """What is checked: the preset's name, or the spec's target."""
+        return self.spec or self.preset
+
+    def base_shape(self) -> RunShape:
+        """The model at its own width and depth with its base shape: the preset, or the spec's
+        (imported here: the model's package loads only when the check runs)."""
+        if self.spec is None:
+            return get_preset(self.preset)
+        from mutransfer.plan import shape_from_config
+
+        shape = shape_from_config({"model": {"spec": self.spec, "args": dict(self.spec_args)}}, "coord-check")
+        if self.seq_len > shape.model.max_seq_len:
+            raise ConfigError(f"coord-check.seq_len = {self.seq_len} exceeds the spec's max_seq_len = "
+                              f"{shape.model.max_seq_len}")
+        return shape
 
     @property
     def axis(self) -> str:
@@ -80,7 +100,10 @@ class CoordConfig(Config):
     def axis_values(self) -> list[int]:
         if self.depths:
             return list(self.depths)
-        return list(self.widths or default_widths(self.preset))
+        if self.widths:
+            return list(self.widths)
+        return default_widths(self.preset) if self.spec is None else \
+            [self.base_shape().model.d_model * 2**k for k in range(WIDTH_DOUBLINGS + 1)]
 
     def resolved(self) -> CoordConfig:
         """The same config with the default width grid and LR filled in."""
@@ -100,7 +123,9 @@ class CoordConfig(Config):
 
     def shapes(self) -> list[RunShape]:
         """The preset at every axis value, in the chosen parametrization, ascending."""
-        base = get_preset(self.preset)
+        from mutransfer.specs import at_depth, at_width
+
+        base = self.base_shape()
         param = updated(base.param, "param", parametrization=self.param)
         out = []
         for value in sorted(self.axis_values()):

@@ -17,7 +17,9 @@ FSDP2 and torch.compile are unaffected.
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -235,6 +237,7 @@ class ModelSpec:
 
 def load_spec(target: str, kwargs: Mapping | None = None, where: str = "model.spec") -> ModelSpec:
     """``"package.module:factory"`` imported and called with ``kwargs``; it must return a ModelSpec.
+    The module is looked up on ``sys.path`` with the current directory first, as ``python -m`` does.
 
     Every failure is a ConfigError naming ``where``: a malformed target, a module that does not
     import, a missing factory, a factory that raises or returns something else.
@@ -242,6 +245,8 @@ def load_spec(target: str, kwargs: Mapping | None = None, where: str = "model.sp
     if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
         raise ConfigError(f"{where} = {target!r}: expected 'package.module:factory'")
     module_name, attr = target.split(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as ``python -m`` does: a user's module beside the config imports
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 -- any import failure is the user's input, reported by name

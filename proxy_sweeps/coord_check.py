@@ -27,7 +27,7 @@ def _ints(text: str) -> list[int]:
 
 
 # CLI flag -> CoordConfig field (flags left out keep the config's default).
-FLAGS = ("widths", "depths", "steps", "seeds", "lr", "optimizer", "param", "precision", "batch_size", "seq_len",
+FLAGS = ("spec", "widths", "depths", "steps", "seeds", "lr", "optimizer", "param", "precision", "batch_size", "seq_len",
          "data_seed", "grad_clip", "update_tokens", "threshold", "device")
 
 
@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                     "steps. Passes when |slope| <= threshold at every step from 1 on (the logits may shrink at "
                     "step 1) and nothing grows at step 0. See docs/coord_check.md.")
     p.add_argument("preset", nargs="?", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--spec", help="check a model of your own instead of a preset: 'package.module:factory' "
+                   "returning a mutransfer ModelSpec (factory arguments: --set spec_args.NAME=VALUE; "
+                   "docs/any_model.md)")
     p.add_argument("--widths", type=_ints, help="comma-separated widths (default: the preset's width x 1, 2, 4, 8, 16)")
     p.add_argument("--depths", type=_ints, help="comma-separated depths: check along depth at the preset's width")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default: 10)")
@@ -110,7 +113,8 @@ def auto_threads() -> int:
 
 
 def default_out(cfg: CoordConfig) -> Path:
-    return Path("runs") / "coord-check" / f"{cfg.preset}-{cfg.param}-{cfg.optimizer}-{cfg.precision}"
+    name = cfg.name.replace(":", "-").replace(".", "-")
+    return Path("runs") / "coord-check" / f"{name}-{cfg.param}-{cfg.optimizer}-{cfg.precision}"
 
 
 def write_config(out: Path, cfg: CoordConfig, args) -> dict:
@@ -125,7 +129,8 @@ def write_config(out: Path, cfg: CoordConfig, args) -> dict:
 def rerun_command(cfg: CoordConfig, args) -> str:
     """The command line that repeats this check, every default spelled out."""
     axis = ["--depths", ",".join(map(str, cfg.depths))] if cfg.depths else ["--widths", ",".join(map(str, cfg.widths))]
-    parts = ["mutransfer coord-check", cfg.preset, *axis,
+    spec = ["--spec", cfg.spec, *(f"--set spec_args.{k}={v!r}" for k, v in cfg.spec_args.items())] if cfg.spec else []
+    parts = ["mutransfer coord-check", cfg.preset, *spec, *axis,
              "--steps", str(cfg.steps), "--seeds", str(cfg.seeds), "--lr", f"{cfg.lr:g}",
              "--optimizer", cfg.optimizer, "--param", cfg.param, "--precision", cfg.precision,
              "--batch-size", str(cfg.batch_size), "--seq-len", str(cfg.seq_len), "--data-seed", str(cfg.data_seed),

@@ -105,3 +105,16 @@ eval_batch_size = 4
     assert rc in (0, 1, 3)  # a verdict was reached on 2x (too small a span to pass: any verdict is fine)
     rows = (tmp_path / "t" / "runs.jsonl").read_text().splitlines()
     assert len(rows) == 12 and (tmp_path / "t" / "verdict.json").is_file()
+
+
+def test_coord_check_command_takes_a_spec(tmp_path, capsys):
+    """``mutransfer coord-check --spec``: the recorder, verdict and plot on a user's model (a reduced grid)."""
+    out = tmp_path / "c"
+    rc = main(["coord-check", "--spec", "examples.nanogpt:spec", "--set", "spec_args.head_dim=8", "--widths", "32,64",
+               "--steps", "3", "--seeds", "1", "--out", str(out), "--threads", "1"])
+    assert rc in (0, 1)  # a verdict on a 2x span: pass or fail, either is a verdict
+    assert {p.name for p in out.iterdir()} >= {"coord.parquet", "verdict.json", "coord.png", "config.json"}
+    config = (out / "config.json").read_text()
+    assert '"spec": "examples.nanogpt:spec"' in config and "--spec examples.nanogpt:spec" in config
+    assert main(["coord-check", "--spec", "examples.nanogpt:nope", "--out", str(tmp_path / "d")]) == 2
+    assert "has no 'nope'" in capsys.readouterr().err

@@ -51,9 +51,10 @@ def check_dims(model_cfg: ModelConfig, precision: str, where: str = "model") -> 
     _check(precision)
     if precision not in FP8_PRECISIONS:
         return
-    dims = {"d_model": model_cfg.d_model, "ffn_dim": model_cfg.ffn_dim,
-            "n_heads * head_dim": model_cfg.n_heads * model_cfg.head_dim,
-            "n_kv_heads * head_dim": model_cfg.n_kv_heads * model_cfg.head_dim}
+    dims = {"d_model": model_cfg.d_model}
+    if isinstance(model_cfg, ModelConfig):  # a spec model's layers are checked when they are swapped
+        dims |= {"ffn_dim": model_cfg.ffn_dim, "n_heads * head_dim": model_cfg.n_heads * model_cfg.head_dim,
+                 "n_kv_heads * head_dim": model_cfg.n_kv_heads * model_cfg.head_dim}
     bad = [f"{where}.{name} = {value}" for name, value in dims.items() if value % FP8_DIM_MULTIPLE]
     if bad:
         raise ConfigError(f"precision = {precision!r}: {', '.join(bad)} not divisible by {FP8_DIM_MULTIPLE} "
