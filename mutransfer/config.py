@@ -251,11 +251,12 @@ class SpecModel(Config):
 
     spec: str  # "package.module:factory", imported in every process that builds the model
     args: dict[str, SpecArg] = Field(default_factory=dict)  # keyword arguments of the factory
+    roles: dict[str, str] | None = None  # [model.roles]: pattern -> role, replacing the spec's role map
     d_model: PosInt  # width d
     n_layers: PosInt  # depth L
     head_dim: PosInt  # at this width (the softmax scale 1/d_head)
-    vocab_size: PosInt
-    max_seq_len: PosInt = 4096
+    vocab_size: PosInt  # from the spec: the tokens the model accepts
+    max_seq_len: PosInt = 4096  # from the spec: the longest sequence it takes
     tokenizer: str = "byte"  # byte | deepseek-v3 | path to a tokenizer.json
 
 

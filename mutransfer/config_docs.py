@@ -15,13 +15,14 @@ from importlib.metadata import entry_points
 
 from pydantic import BaseModel
 
-from mutransfer.config import HParams, ModelConfig, ParamConfig, ProxyTrain, TrainSettings
+from mutransfer.config import HParams, ModelConfig, ParamConfig, ProxyTrain, SpecModel, TrainSettings
 from mutransfer.coord_config import CoordConfig
 from mutransfer.stages import LRSpec, PhaseTable, SourceTable, StageTable, SwitchSpec
 
 # The core's own tables; the outer packages add theirs through the entry points.
 CORE_TABLES = [
     ("[model]", ModelConfig),
+    ("[model] with spec (a user's model)", SpecModel),
     ("[param]", ParamConfig),
     ("[hparams] (and the lock file's hparams)", HParams),
     ("[train] (every run)", TrainSettings),

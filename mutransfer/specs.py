@@ -6,21 +6,25 @@ builds or trains a run's model asks ``spec_of``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from functools import cache
 
 from mutransfer.config import ConfigError, ModelConfig, SpecModel, parse, updated
 from mutransfer.presets import at_depth as preset_at_depth
 from mutransfer.presets import at_width as preset_at_width
+from mutransfer.infer_roles import infinite_dims
+from mutransfer.parametrization import RoleMap
 from mutransfer.spec import ModelSpec, load_spec
 from mutransfer.transformer_spec import transformer_spec
 
-SPEC_KEYS = ("spec", "args", "width", "depth", "tokenizer")  # what [model] takes with a spec
+SPEC_KEYS = ("spec", "args", "roles", "width", "depth", "tokenizer")  # what [model] takes with a spec
 
 
 def spec_of(model: ModelConfig | SpecModel) -> ModelSpec:
     """The spec that builds ``model``."""
     if isinstance(model, SpecModel):
-        return _loaded(model.spec, json.dumps(model.args, sort_keys=True))
+        spec = _loaded(model.spec, json.dumps(model.args, sort_keys=True))
+        return spec if model.roles is None else replace(spec, roles=model.roles)
     return transformer_spec(model)
 
 
@@ -46,15 +50,32 @@ def spec_model(table: dict, where: str) -> SpecModel:
     if not isinstance(args, dict):
         raise ConfigError(f"{where}.model.args: expected a table of the factory's keyword arguments")
     spec = _loaded_checked(table["spec"], args, f"{where}.model.spec")
+    roles = table.get("roles")
+    if roles is not None:
+        if not isinstance(roles, dict):
+            raise ConfigError(f"{where}.model.roles: expected a table of 'pattern' = 'role' entries")
+        spec = replace(spec, roles=RoleMap(roles))
     width = _positive(table.get("width", spec.width), f"{where}.model.width")
     depth = _positive(table.get("depth", spec.depth), f"{where}.model.depth")
+    check_spec(spec, width, depth, where)
     if spec.vocab_size is None:
         raise ConfigError(f"{where}.model.spec = {table['spec']!r}: the spec gives no vocab_size (needed to check "
                           "the data's tokenizer)")
-    data = {"spec": table["spec"], "args": args, "d_model": width, "n_layers": depth,
+    data = {"spec": table["spec"], "args": args, "roles": roles, "d_model": width, "n_layers": depth,
             "head_dim": spec.shape(width, depth).head_dim, "vocab_size": spec.vocab_size,
             "max_seq_len": spec.max_seq_len or 4096, "tokenizer": table.get("tokenizer", "byte")}
     return parse(SpecModel, data, f"{where}.model")
+
+
+def check_spec(spec: ModelSpec, width: int, depth: int, where: str) -> None:
+    """Before any compute, on the meta device: the width changes the model, and the role map gives
+    every parameter exactly one role (errors list every name)."""
+    import torch
+
+    infinite_dims(spec.build, width, depth)
+    with torch.device("meta"):
+        model = spec.build(width, depth)
+    spec.roles.check([n for n, _ in model.named_parameters()], where=f"{where}.model.roles")
 
 
 def _loaded_checked(target, args: dict, where: str) -> ModelSpec:

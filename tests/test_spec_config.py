@@ -118,3 +118,34 @@ def test_coord_check_command_takes_a_spec(tmp_path, capsys):
     assert '"spec": "examples.nanogpt:spec"' in config and "--spec examples.nanogpt:spec" in config
     assert main(["coord-check", "--spec", "examples.nanogpt:nope", "--out", str(tmp_path / "d")]) == 2
     assert "has no 'nope'" in capsys.readouterr().err
+
+
+def test_model_roles_replace_the_specs_and_every_bad_name_is_listed(tmp_path, capsys):
+    from examples.nanogpt import ROLES
+
+    roles = {**ROLES, r"^transformer\.wpe\.weight$": "keep"}  # learned positions left alone
+    shape = shape_from_config({"model": {**NANOGPT["model"], "roles": roles}}, "sweep")
+    assert spec_of(shape.model).roles.role_of("transformer.wpe.weight").value == "keep"
+    without_biases = {k: v for k, v in ROLES.items() if v != "bias"}
+    with pytest.raises(ConfigError) as e:
+        shape_from_config({"model": {**NANOGPT["model"], "roles": without_biases}}, "sweep")
+    assert str(e.value).startswith("sweep.model.roles: 25 parameter(s) match no pattern")  # 4 blocks x 6 + ln_f
+    assert "transformer.h.0.attn.c_attn.bias" in str(e.value) and "transformer.ln_f.bias" in str(e.value)
+    # from the command line: exit 2, the names in the message, nothing run
+    rc = main(["transfer-check", str(ROOT / "proxy_sweeps" / "lr_transfer_hf_llama.toml"), "--out", str(tmp_path / "t"),
+               "--set", 'model.roles={"embed_tokens" = "embedding", "proj" = "hidden", "norm" = "norm_gain", '
+                        '"layernorm" = "norm_gain"}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "match no pattern: ['lm_head.weight']" in err and "more than one pattern" in err
+
+
+def test_a_factory_whose_width_changes_nothing_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "fixed_width.py").write_text(
+        "from dataclasses import replace\n"
+        "from examples.nanogpt import spec as nanogpt\n"
+        "def spec():\n"
+        "    s = nanogpt()\n"
+        "    return replace(s, build=lambda width, depth: s.build(64, depth))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="no parameter changes shape between widths 64 and 128"):
+        shape_from_config({"model": {"spec": "fixed_width:spec"}}, "sweep")
