@@ -10,10 +10,10 @@ from dataclasses import replace
 from functools import cache
 
 from mutransfer.config import ConfigError, ModelConfig, SpecModel, parse, updated
-from mutransfer.presets import at_depth as preset_at_depth
-from mutransfer.presets import at_width as preset_at_width
 from mutransfer.infer_roles import infinite_dims
 from mutransfer.parametrization import RoleMap
+from mutransfer.presets import at_depth as preset_at_depth
+from mutransfer.presets import at_width as preset_at_width
 from mutransfer.spec import ModelSpec, load_spec
 from mutransfer.transformer_spec import transformer_spec
 
