@@ -29,6 +29,8 @@ _EXPORTS = {
     "make_model": "mutransfer.api",
     "param_groups": "mutransfer.api",
     "coord_check": "mutransfer.api",
+    "apply_lock": "mutransfer.api",
+    "wsd": "mutransfer.schedule",
     "CoordResult": "mutransfer.api",
 }
 

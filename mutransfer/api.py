@@ -154,3 +154,32 @@ def coord_check(spec: ModelSpec, widths: list[int], parametrization: str = "mup"
         write_json(out / "config.json", config)
         write_json(out / "verdict.json", result)
     return CoordResult(verdict=result, records=df, out=out)
+
+
+def apply_lock(spec: ModelSpec, lock, width: int | None = None, depth: int | None = None, optimizer: str = "adamw",
+               *, device: str | torch.device = "cpu", seed: int | None = 0) -> tuple[nn.Module, list[dict] | dict]:
+    """A frozen lock (``mutransfer freeze``'s file, or a read ``Lock``) on ``spec``'s model at ``width`` and
+    ``depth``, for the user's own loop: ``(model, groups)`` -- the model initialised by the table from the
+    lock's base values and parametrization, and its optimizer groups (``param_groups``). Each group's
+    ``base_lr`` is its peak: a schedule sets ``lr = base_lr * factor(step)`` (``mutransfer.schedule.wsd``).
+
+    The transfer holds for the lock's own family only: a lock frozen on another model (another spec
+    target, or the built-in Transformer), or a head dim that differs, is an error naming the field.
+    """
+    from mutransfer.config import SpecModel
+    from mutransfer.lockfile import read_lock
+
+    if not hasattr(lock, "hparams"):
+        lock = read_lock(lock)
+    width, depth = width or spec.width, depth or spec.depth
+    proxy = lock.proxy_model
+    problems = []
+    if not isinstance(proxy, SpecModel):
+        problems.append("lock.proxy_model: frozen on the built-in Transformer, not on a model spec")
+    elif proxy.head_dim != (head_dim := spec.shape(width, depth).head_dim):
+        problems.append(f"model.head_dim: lock has {proxy.head_dim}, this model has {head_dim}")
+    if problems:
+        raise ConfigError(f"the lock does not fit model spec {spec.name!r}: " + "; ".join(problems))
+    model = make_model(spec, width, depth, lock.hparams, param=lock.param, device=device, seed=seed)
+    groups = param_groups(spec, model, lock.hparams, optimizer, width=width, depth=depth, param=lock.param)
+    return model, groups

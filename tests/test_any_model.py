@@ -146,3 +146,26 @@ def test_the_any_model_doc_example_runs(tmp_path, monkeypatch):
 
 def _fields(spec: ModelSpec) -> dict:
     return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+
+
+def test_a_lock_frozen_on_a_spec_model_drives_the_users_own_loop(tmp_path):
+    from mutransfer.lockfile import write_lock
+    from mutransfer.plan import shape_from_config
+
+    proxy = shape_from_config({"model": {"spec": "examples.nanogpt:spec"}}, "sweep")  # width 64, depth 4
+    frozen = HParams(lr=2e-3, init_std=0.03, weight_decay=0.05)
+    write_lock(tmp_path / "lock.json", frozen, proxy.param, proxy.model, provenance={"study": "test"})
+    model, groups = mt.apply_lock(nanogpt_spec(), tmp_path / "lock.json", width=256)
+    lr = {g["role"]: g["base_lr"] for g in groups}
+    assert lr["attn_qkv"] == pytest.approx(2e-3 / 4) and lr["embedding"] == pytest.approx(2e-3)  # m = 4
+    assert model.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.03 / 2, rel=0.05)
+    schedule = mt.wsd(100, warmup=10, decay=20)
+    optimizer = torch.optim.AdamW(groups)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * schedule.factor(5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(groups[0]["base_lr"] * 0.6)  # warmup: (5 + 1) / 10
+    with pytest.raises(ConfigError, match="model.head_dim: lock has 16, this model has 8"):
+        mt.apply_lock(nanogpt_spec(head_dim=8), tmp_path / "lock.json", width=256)
+    builtin = ROOT / "full_scale" / "smoke.hparams.lock.json"
+    with pytest.raises(ConfigError, match="frozen on the built-in Transformer"):
+        mt.apply_lock(nanogpt_spec(), builtin)

@@ -149,3 +149,28 @@ def test_a_factory_whose_width_changes_nothing_is_refused(tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match="no parameter changes shape between widths 64 and 128"):
         shape_from_config({"model": {"spec": "fixed_width:spec"}}, "sweep")
+
+
+@pytest.mark.slow
+def test_sweep_freeze_and_the_lock_in_a_users_loop_from_python(tmp_path):
+    """docs/any_model.md's path on a reduced quick start: sweep the nanoGPT GPT, freeze, apply the lock."""
+    import torch
+
+    import mutransfer as mt
+    from examples.nanogpt import spec as nanogpt_spec
+    from proxy_sweeps.freeze import freeze
+    from proxy_sweeps.sweep import run_sweep
+
+    sweep_file = ROOT / "proxy_sweeps" / "quickstart_nanogpt.toml"
+    small = ["sweep.trials=3", "train.steps=20", "train.eval_every=10", "train.batch_size=4", "train.seq_len=32",
+             "search.warmup.high=10", "search.warmup.step=5", "sampler.n_startup_trials=3", "pruner.kind=none"]
+    assert run_sweep(sweep_file, tmp_path / "gpt", workers=1, quiet=True, overrides=small) == 0
+    lock = freeze(tmp_path / "gpt", tmp_path / "gpt.lock.json")
+    assert lock["proxy_model"]["spec"] == "examples.nanogpt:spec"
+    model, groups = mt.apply_lock(nanogpt_spec(), tmp_path / "gpt.lock.json", width=128)
+    lr = lock["hparams"]["lr"]
+    assert {g["role"]: g["base_lr"] for g in groups}["ffn_out"] == pytest.approx(lr / 2)
+    optimizer = torch.optim.AdamW(groups)
+    x = torch.randint(0, 256, (2, 33))
+    nanogpt_spec().loss(model, x[:, :-1], x[:, 1:]).backward()
+    optimizer.step()
