@@ -7,7 +7,7 @@ from mutransfer.config import ConfigError, ModelConfig, ParamConfig, RunShape, u
 DEEPSEEK_V3_MODEL_VOCAB = 129_280  # 128,000 BPE + added tokens, padded (RECIPE section 1)
 
 PRESETS: dict[str, RunShape] = {
-    # CPU seconds: byte-level vocabulary, four layers. Its own base shape (d_base 64, L0 4).
+    # CPU seconds: byte-level vocabulary, four blocks. Its own base shape (d_base 64, L0 4).
     "tiny": RunShape(
         model=ModelConfig(vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16,
                           ffn_dim=160, rope_base=10_000.0, max_seq_len=512, tokenizer="byte"),
