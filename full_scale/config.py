@@ -25,6 +25,7 @@ from mutransfer.config import (
     PosFloat,
     PosInt,
     RunShape,
+    SpecModel,
     TrainSettings,
     apply_overrides,
     load_toml,
@@ -32,7 +33,7 @@ from mutransfer.config import (
 )
 from mutransfer.laws import TransferCorrection, corrected, correction
 from mutransfer.lockfile import Lock, check_lock_matches, read_lock
-from mutransfer.plan import builtin_only, shape_from_config
+from mutransfer.plan import shape_from_config
 from mutransfer.stages import StagePlan, parse_stages
 
 TOP_LEVEL = ("model", "param", "stages", "optimizer", "data", "train", "parallel", "checkpoint", "metrics",
@@ -174,7 +175,6 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     lock_path = lock_path_of(path, train, hparams_path)
     lock = read_lock(lock_path)
     shape = shape_from_config(raw, Path(path).name, param_default=lock.param)
-    builtin_only(shape, "mutransfer train")
     check_lock_matches(lock, shape)
     check_dims(shape.model, train.precision)
     stages = parse_stages(raw, shape, lock.hparams)
@@ -184,8 +184,11 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     check_checkpointing(train.precision, train.activation_checkpointing)
     for i, stage in enumerate(stages.stages):
         if stage.checkpointing is not None:
-            check_checkpointing(train.precision, stage.checkpointing,
-                                f"stages[{i}] ({stage.name}).activation_checkpointing")
+            where = f"stages[{i}] ({stage.name}).activation_checkpointing"
+            check_checkpointing(train.precision, stage.checkpointing, where)
+            if isinstance(shape.model, SpecModel) and stage.checkpointing != "none":
+                raise ConfigError(f"{where} = {stage.checkpointing!r}: a model spec's model ({shape.model.spec}) "
+                                  "runs without activation checkpointing; use 'none'")
     if train.eval_seq_len is not None and train.eval_seq_len > shape.model.max_seq_len:
         raise ConfigError(f"train.eval_seq_len = {train.eval_seq_len} exceeds model.max_seq_len = "
                           f"{shape.model.max_seq_len}")

@@ -33,8 +33,8 @@ from mutransfer.config import ConfigError
 from mutransfer.optim import OptimizerSet, build_optimizers, switch_to_muon
 from mutransfer.plan import flops_per_token
 from mutransfer.rundir import environment, read_json, write_json
+from mutransfer.specs import spec_of
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
-from mutransfer.transformer_spec import transformer_spec
 
 
 def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint: str | Path | None = None,
@@ -94,7 +94,7 @@ class Trainer:
             for xs, ys in zip(x.split(rows), y.split(rows), strict=True)]
 
         torch.manual_seed(cfg.train.seed)
-        self.spec = transformer_spec(cfg.shape.model)
+        self.spec = spec_of(cfg.shape.model)
         self.inner = self._build_model()
         self.model = self.inner if cfg.parallel.mode == "fsdp" or not env.distributed else \
             dist_utils.wrap(self.inner, env, cfg.parallel.mode)
@@ -189,7 +189,7 @@ class Trainer:
         from mutransfer.precision import prepare_model
 
         cfg, env = self.cfg, self.env
-        on_meta = cfg.train.precision != "fp8-te"
+        on_meta = cfg.train.precision != "fp8-te" and self.spec.meta_build
         spec, shape = self.spec, cfg.shape.model
         model = build(spec, shape.d_model, shape.n_layers, cfg.shape.param, cfg.hp,
                       device="meta" if on_meta else env.device, seed=cfg.train.seed)
@@ -283,7 +283,8 @@ class Trainer:
         out = train_step(self.model, self.opts, micro, params=self.params, precision=cfg.train.precision,
                          device_type=env.device.type, grad_clip=cfg.hp.grad_clip,
                          lr_factor=lambda peak: schedule.factor(step, peak),
-                         sync=lambda last: grad_sync(self.model, last), reduce=lambda v: mean_across(env, v))
+                         sync=lambda last: grad_sync(self.model, last), reduce=lambda v: mean_across(env, v),
+                         loss_of=self.spec.loss)
         seconds = time.perf_counter() - t0
 
         self.state["tokens"] += phase.tokens_per_step
@@ -317,7 +318,8 @@ class Trainer:
     def _evaluate(self) -> float:
         """Held-out loss over fixed windows; every rank runs the same batches (FSDP needs all ranks)."""
         try:
-            return evaluate(self.model, self.val, precision=self.cfg.train.precision, device=self.env.device).loss
+            return evaluate(self.model, self.val, precision=self.cfg.train.precision, device=self.env.device,
+                            loss_of=self.spec.loss).loss
         except Diverged:
             return math.nan
 

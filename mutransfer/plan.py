@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mutransfer.build import build_model
+from mutransfer.build import build, build_model
 from mutransfer.config import (
     ConfigError,
     HParams,
@@ -96,9 +96,11 @@ def resolve_target(target: str, overrides=()) -> tuple[RunShape, dict]:
 
 
 def count_params(shape: RunShape) -> dict[str, int]:
-    model = build_model(shape, HParams(), device="meta")
+    """Parameters of any model (its spec's build on the meta device): total, embedding, matmul."""
+    spec = spec_of(shape.model)
+    model = build(spec, shape.model.d_model, shape.model.n_layers, shape.param, HParams(), device="meta")
     total = sum(p.numel() for p in model.parameters())
-    roles = transformer_spec(shape.model).roles
+    roles = spec.roles
     embedding = sum(p.numel() for n, p in model.named_parameters()
                     if roles.role_of(n) in (Role.EMBEDDING, Role.POS_EMBEDDING))
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2)  # tied E counted once
@@ -107,16 +109,18 @@ def count_params(shape: RunShape) -> dict[str, int]:
 
 
 def flops_per_token(shape: RunShape, seq_len: int) -> int:
-    """6 N_matmul + 6 L H d_head T (RECIPE section 7): forward + backward, causal attention."""
+    """6 N_matmul + 6 L H d_head T (RECIPE section 7): forward + backward, causal attention; H d_head is
+    the query width, d (a spec model's query width is taken to be its width)."""
     m = shape.model
-    return 6 * count_params(shape)["params_matmul"] + 6 * m.n_layers * m.n_heads * m.head_dim * seq_len
+    return 6 * count_params(shape)["params_matmul"] + 6 * m.n_layers * m.d_model * seq_len
 
 
 def builtin_only(shape: RunShape, what: str) -> None:
     """``what`` models the built-in Transformer (its memory, its stages): a spec model is an error naming the field."""
     if isinstance(shape.model, SpecModel):
         raise ConfigError(f"model.spec = {shape.model.spec!r}: {what} supports the built-in Transformer only "
-                          "(model.preset or its fields); sweeps, transfer checks and coordinate checks take any spec")
+                          "(model.preset or its fields): its memory model is written for it; sweeps, transfer checks, "
+                          "coordinate checks and train take any spec")
 
 
 def make_plan(shape: RunShape, hp: HParams, optimizer: str = "adamw", seq_len: int | None = None) -> dict:

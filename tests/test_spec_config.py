@@ -6,6 +6,7 @@ the file), so it travels as plain data: the target, its keyword arguments, width
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,29 @@ def test_sweep_freeze_and_the_lock_in_a_users_loop_from_python(tmp_path):
     x = torch.randint(0, 256, (2, 33))
     nanogpt_spec().loss(model, x[:, :-1], x[:, 1:]).backward()
     optimizer.step()
+
+
+@pytest.mark.slow
+def test_the_full_scale_pipeline_trains_a_spec_model(tmp_path, capsys):
+    """full_scale/smoke.toml's stages (batch and sequence steps, the switch to Muon, long context) on the
+    nanoGPT GPT at twice its proxy width, from a lock frozen on that GPT."""
+    from full_scale.metrics import read_rows
+    from mutransfer.lockfile import write_lock
+
+    proxy = shape_from_config({"model": {"spec": "examples.nanogpt:spec", "args": {"block_size": 512}}}, "t")
+    write_lock(tmp_path / "gpt.lock.json", HParams(lr=3e-3), proxy.param, proxy.model, provenance={"study": "t"})
+    smoke = (ROOT / "full_scale" / "smoke.toml").read_text()
+    config = tmp_path / "gpt.toml"
+    config.write_text(smoke.replace('preset = "tiny"', 'spec = "examples.nanogpt:spec"\nargs = { block_size = 512 }\n'
+                                    'width = 128').replace("smoke.hparams.lock.json", "gpt.lock.json"))
+    short = ["--set", "stages.warmup.steps=2", "--set", "stages.stable1.steps=2", "--set", "stages.stable2.steps=2",
+             "--set", "stages.decay.steps=2", "--set", "stages.long_context.phases.0.steps=1",
+             "--set", "stages.long_context.phases.1.steps=1", "--quiet"]
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), *short]) == 0
+    rows = read_rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["optimizer"] for r in rows] == ["adamw"] * 6 + ["muon"] * 4
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["seq_len"] == 512
+    bad = config.read_text().replace('name = "decay"', 'name = "decay"\nactivation_checkpointing = "full"')
+    config.write_text(bad)
+    assert main(["train", str(config), "--out", str(tmp_path / "bad"), *short]) == 2
+    assert "stages[3] (decay).activation_checkpointing = 'full': a model spec's model" in capsys.readouterr().err
