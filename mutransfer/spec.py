@@ -153,7 +153,7 @@ class ModelSpec:
     loss: ``(model, x, y) -> mean loss``; default ``model(x, y)``.
     logits: ``(model, x) -> logits (batch, seq, vocab)``; default ``model(x)``. The coordinate
       check trains through these, so a hook on the readout sees every logit.
-    blocks: pattern of the repeated blocks' module names (FSDP2 units, activation checkpointing,
+    blocks: pattern of the repeated blocks' module names (FSDP2 units, compile,
       the coordinate check's layer index and residual stream).
     taps: extra coordinate-check taps, kind -> module pattern; the multiplier sites give the rest.
     fuse_key: parameter name -> the name of the fused matrix it belongs to (fused Muon), or None.
