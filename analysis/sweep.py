@@ -65,7 +65,10 @@ def plot_history(df: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("trial")
     ax.set_ylabel("objective (held-out loss)")
     ax.set_title("optimization history")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:  # stopped before any trial reported
+        ax.text(0.5, 0.5, "no trial yet", ha="center", va="center", transform=ax.transAxes)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -18,6 +18,10 @@ from optuna.trial import TrialState
 from mutransfer.rundir import write_json
 from proxy_sweeps.budget import DUPLICATE_ATTR, OUTCOME_ATTR, RETRY_ATTR, account
 
+TRIAL_COLUMNS = ("number", "state", "value", "reason", "outcome", "duplicate_of", "sampler_seed", "duration_s",
+                 "tokens", "seed_values", "retry_of", "worker", "last_step", "intermediate_steps",
+                 "intermediate_values", "datetime_start", "datetime_complete")
+
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
@@ -48,7 +52,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         for name, value in t.params.items():
             row[f"params_{name}"] = value
         rows.append(row)
-    df = pd.DataFrame(rows)
+    # A study stopped before its first trial has no rows: the columns are there all the same, so every
+    # reader (plots, report, summary) sees an empty table, not a missing column.
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(
+        {c: pd.Series(dtype=float if c in ("value", "duration_s") else object) for c in TRIAL_COLUMNS})
     for column in ("retry_of", "tokens", "last_step", "duplicate_of", "sampler_seed"):  # integers with gaps
         if column in df:
             df[column] = df[column].astype("Int64")

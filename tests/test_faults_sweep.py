@@ -250,3 +250,23 @@ def test_sigterm_to_a_transfer_check_stops_its_workers_and_a_rerun_finishes_with
     assert main(["transfer-check", str(check), "--out", str(out), "--quiet"]) in (0, 1, 3)
     keys = [(r["value"], r["lr_log2"], r["seed"]) for r in read_jsonl(runs)]
     assert len(keys) == 10 and len(set(keys)) == 10  # every grid point once: nothing redone, nothing twice
+
+
+def test_a_study_stopped_before_its_first_trial_exports_an_empty_table_and_plots(tmp_path):
+    """A SIGTERM before any trial was asked used to end in KeyError: 'value' (exit 1, not 143): the
+    trials table of an empty study had no columns. Now every column is there, and the plots draw."""
+    import optuna
+    import pandas as pd
+
+    from proxy_sweeps.export import TRIAL_COLUMNS, export
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    study = optuna.create_study(study_name="empty", storage=storage)
+    (tmp_path / "config.json").write_text('{"study": "empty", "trials": 4, "search": {"lr": {"low": 0.001, '
+                                          '"high": 0.1, "log": true}}}')
+    summary = export(study, tmp_path, {"study": "empty", "trials": 4, "storage": "journal"})
+    df = pd.read_parquet(tmp_path / "trials.parquet")
+    assert df.empty and tuple(df.columns) == TRIAL_COLUMNS
+    assert (tmp_path / "plots" / "optimization_history.png").is_file()
+    assert summary.get("best") is None
+
