@@ -81,4 +81,8 @@ if __name__ == "__main__":  # under torchrun: each rank trains its half; rank 0 
     losses = train(dist.get_world_size(), dist.get_rank())
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(losses))
+    # Both ranks reach the teardown together: a rank that destroys its gloo group while the other is still
+    # busy (here: writing the losses) can leave the other's transport threads to abort it at exit
+    # ("terminate called without an active exception", seen once under load).
+    dist.barrier()
     dist.destroy_process_group()
