@@ -7,6 +7,9 @@ whole session with a nanoGPT-style GPT. The numbers come from the one table
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +75,6 @@ def param_groups(spec: ModelSpec, model: nn.Module, hparams: HParams | dict | No
     return groups["adamw"] if optimizer == "adamw" else groups
 
 
-def check_width_changes_model(spec: ModelSpec, widths: list[int], depth: int) -> None:
-    """A factory whose models do not change with the width cannot be checked: an error naming it."""
-    shapes = []
-    for width in sorted(set(widths))[:2]:
-        with torch.device("meta"):
-            model = spec.build(width, depth)
-        shapes.append({n: tuple(p.shape) for n, p in model.named_parameters()})
-    if len(shapes) == 2 and shapes[0] == shapes[1]:
-        raise ConfigError(f"model spec {spec.name!r}: build(width, depth) gives the same parameter shapes at "
-                          f"widths {sorted(set(widths))[:2]}; its build must use the width it is given")
-
-
 @dataclass
 class CoordResult:
     """What ``coord_check`` found: the verdict (as ``verdict.json``), the records, and the exit status."""
@@ -108,13 +99,15 @@ def coord_check(spec: ModelSpec, widths: list[int], parametrization: str = "mup"
                 depth: int | None = None, steps: int = 10, seeds: int = 3, lr: float | None = None,
                 hparams: HParams | dict | None = None, batches=None, batch_size: int = 4, seq_len: int = 64,
                 threshold: float = 0.1, update_tokens: int = 64, device: str = "cpu", out: str | Path | None = None,
-                progress=None) -> CoordResult:
+                progress: bool | Callable[[str], None] = True) -> CoordResult:
     """The coordinate check of ``spec`` across ``widths``: train each width ``seeds`` times for ``steps``
     steps on one batch and judge the slopes of every tapped size against width (docs/coord_check.md).
 
     ``batches``: a list of (x, y) token batches, one per step (default: one batch of the built-in
     byte-level corpus, repeated). With ``out`` the records, config and verdict are written there
     (``coord.parquet``, ``config.json``, ``verdict.json``); ``analysis.coord.draw(out)`` draws them.
+    ``progress``: a line per trained run on stderr (runs done / total, elapsed seconds), a function
+    to receive the lines instead, or False.
     """
     import pandas as pd
 
@@ -122,12 +115,13 @@ def coord_check(spec: ModelSpec, widths: list[int], parametrization: str = "mup"
     from mutransfer.coord_config import DEFAULT_LR
     from mutransfer.coord_verdict import combine
     from mutransfer.coord_verdict import verdict as judge_records
+    from mutransfer.infer_roles import infinite_dims
     from mutransfer.rundir import write_json
 
     if len(set(widths)) < 2:
         raise ConfigError(f"widths = {list(widths)}: need at least two distinct widths to fit a slope")
     depth = depth or spec.depth
-    check_width_changes_model(spec, list(widths), depth)
+    infinite_dims(spec.build, min(widths), depth)  # a build that ignores the width cannot be checked
     lr = lr if lr is not None else DEFAULT_LR[optimizer]
     hp = _hparams({**(_hparams(hparams).model_dump() if hparams is not None else {}), "lr": lr, "grad_clip": 0.0})
     param = param_config(spec, parametrization)
@@ -139,8 +133,13 @@ def coord_check(spec: ModelSpec, widths: list[int], parametrization: str = "mup"
                               "byte-level corpus's 256 tokens; pass batches=")
         batches = [builtin_dataset(tokenizer="byte").batch("train", 0, 0, batch_size, seq_len)] * steps
     batches = [(x.to(device), y.to(device)) for x, y in batches]
+    if progress is True:
+        start = time.perf_counter()
+
+        def progress(message: str) -> None:
+            print(f"[coord-check {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
     records = spec_records(spec, [(w, depth) for w in sorted(set(widths))], param, hp, batches, optimizer=optimizer,
-                           seeds=seeds, device=device, update_tokens=update_tokens, progress=progress)
+                           seeds=seeds, device=device, update_tokens=update_tokens, progress=progress or None)
     df = pd.DataFrame.from_records(records)
     v = judge_records(df, parametrization, threshold)
     config = {"spec": spec.name, "widths": sorted(set(widths)), "depth": depth, "steps": len(batches),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,24 @@ def attention_logits(tap: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[
     return logits.tril_(), b * h * t * (t + 1) // 2
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What the recorder hooks in one model, read once from its spec: module name -> kind for the
+    taps and the hidden linear layers, the readout's name, the blocks in order."""
+
+    taps: dict[str, str] = field(default_factory=dict)
+    linears: dict[str, str] = field(default_factory=dict)
+    readout: str | None = None
+    blocks: tuple[str, ...] = ()
+
+
+def layout_of(model: nn.Module, spec: ModelSpec) -> Layout:
+    taps = spec.tap_modules(model)
+    readouts = [n for n, kind in taps.items() if kind == "output_logits"]
+    return Layout(taps=taps, linears=linear_modules(model, spec), readout=readouts[0] if len(readouts) == 1 else None,
+                  blocks=tuple(spec.block_names(model)))
+
+
 class Recorder:
     """Forward hooks that record the size of each tapped output and keep linear inputs for dWx.
 
@@ -79,20 +98,16 @@ class Recorder:
     (``record_updates``), which needs no copy of the weights.
     """
 
-    def __init__(self, model: nn.Module, base: dict, update_tokens: int = 0, spec: ModelSpec | None = None):
+    def __init__(self, model: nn.Module, base: dict, update_tokens: int = 0, layout: Layout | None = None):
         self.model = model
-        self.spec = spec
         self.base = base  # columns shared by every row: width, seed, step
         self.update_tokens = update_tokens  # tokens kept per linear layer for dW x; 0: all
         self.records: list[dict] = []
         self.inputs: dict[str, tuple] = {}  # module name -> the (sampled) inputs its forward saw
         self.outputs: dict[str, torch.Tensor] = {}  # module name -> its float32 output, where exact (above)
         self.handles = []
-        # Without a spec nothing is tapped (``sample_tokens`` alone).
-        self.taps = spec.tap_modules(model) if spec else {}
-        self.linears = linear_modules(model, spec) if spec else {}
-        self.readout = spec.readout(model) if spec else None
-        self.blocks = spec.block_names(model) if spec else []
+        layout = layout or Layout()  # nothing tapped: ``sample_tokens`` alone
+        self.taps, self.linears, self.readout, self.blocks = layout.taps, layout.linears, layout.readout, layout.blocks
 
     def __enter__(self) -> Recorder:
         for name, kind in self.taps.items():
@@ -227,10 +242,11 @@ def record_training(model: nn.Module, optimizer, batches: Iterable[tuple[torch.T
         """The loss through whole logits, so the recorder's hook on the readout sees every logit."""
         return loss_fn(spec.logits(model, x), y)
 
+    layout = layout_of(model, spec)  # the same modules at every step
     for step, (x, y) in enumerate(batches):
         before: dict[str, torch.Tensor] = {}
 
-        rec = Recorder(model, {**base, "step": step}, update_tokens, spec)
+        rec = Recorder(model, {**base, "step": step}, update_tokens, layout)
 
         def keep_weights(before=before, rec=rec) -> None:
             before.update(weights_before(model, rec))
@@ -284,6 +300,7 @@ def spec_records(spec: ModelSpec, points: list[tuple[int, int]], param, hp, batc
     from mutransfer.precision import prepare_model
 
     records: list[dict] = []
+    runs, done = len(points) * seeds, 0
     for width, depth in points:
         shape = spec.shape(width, depth)
         for seed in range(seeds):
@@ -294,8 +311,9 @@ def spec_records(spec: ModelSpec, points: list[tuple[int, int]], param, hp, batc
             rows = record_training(model, opt, batches, base, precision, grad_clip, torch.device(device).type,
                                    update_tokens, spec=spec)
             records.extend(rows)
+            done += 1
             if progress is not None:
                 losses = [r["value"] for r in rows if r["kind"] == "loss"]
-                progress(f"{param.parametrization} {optimizer} {precision} width {width} depth {depth} "
-                         f"seed {seed + 1}/{seeds}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+                progress(f"{done}/{runs} runs: {param.parametrization} {optimizer} {precision} width {width} "
+                         f"depth {depth} seed {seed + 1}/{seeds}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return records

@@ -31,12 +31,13 @@ def infinite_dims(build: Callable[[int, int], nn.Module], width: int, depth: int
     base_shapes = {n: tuple(p.shape) for n, p in base.named_parameters()}
     delta_shapes = {n: tuple(p.shape) for n, p in delta.named_parameters()}
     if base_shapes.keys() != delta_shapes.keys():
-        raise ConfigError(f"inferring roles: the model's parameters differ between widths {width} and {2 * width}: "
+        raise ConfigError(f"model build: its parameters differ between widths {width} and {2 * width}: "
                           f"{sorted(base_shapes.keys() ^ delta_shapes.keys())}")
     out = {n: tuple(a != b for a, b in zip(s, delta_shapes[n], strict=True)) for n, s in base_shapes.items()}
     if not any(any(v) for v in out.values()):
-        raise ConfigError(f"inferring roles: no parameter changes shape between widths {width} and {2 * width}; "
-                          "the build must use the width it is given")
+        raise ConfigError(f"model build: no parameter changes shape between widths {width} and {2 * width} (the "
+                          f"same parameter shapes at widths [{width}, {2 * width}]); the build must use the width "
+                          "it is given")
     return out
 
 

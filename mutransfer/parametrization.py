@@ -115,9 +115,9 @@ class RoleMap:
 
     def check(self, names, where: str = "model.roles") -> dict[str, Role]:
         """Every name's role; a ConfigError listing every unmatched and every twice-matched name."""
-        names = list(names)
-        unmatched = [n for n in names if not self.matches(n)]
-        twice = {n: [p for p, _ in self.matches(n)] for n in names if len(self.matches(n)) > 1}
+        found = {n: self.matches(n) for n in names}
+        unmatched = [n for n, m in found.items() if not m]
+        twice = {n: [p for p, _ in m] for n, m in found.items() if len(m) > 1}
         problems = []
         if unmatched:
             problems.append(f"{len(unmatched)} parameter(s) match no pattern: {unmatched}")
@@ -126,7 +126,7 @@ class RoleMap:
         if problems:
             raise ConfigError(f"{where}: " + "; ".join(problems) + f" (patterns: {list(self.as_dict())}; "
                               f"roles: {list(ROLES)})")
-        return {n: self.role_of(n) for n in names}
+        return {n: m[0][1] for n, m in found.items()}
 
 
 def role_of(name: str, roles: RoleMap) -> Role:
@@ -418,12 +418,12 @@ def param_groups(module: torch.nn.Module, model: ModelConfig, param: ParamConfig
     if fuse and optimizer == "muon" and fuse_key is None:
         raise ConfigError("fused Muon (optimizer.muon_fuse) needs a model spec that names its fused sets "
                           "(ModelSpec.fuse_key); this model's spec names none")
-    roles.check([n for n, p in module.named_parameters()])
+    role_by_name = roles.check([n for n, p in module.named_parameters()])
     groups: dict[tuple, dict] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        s = resolve(name, model, param, hp, optimizer, roles=roles)
+        s = resolve_role(role_by_name[name], model, param, hp, optimizer, name=name)
         key = (s.optimizer, s.role, s.lr, s.weight_decay, s.eps, s.muon_adjust)
         if key not in groups:
             g = {"params": [], "names": [], "role": s.role.value, "lr": s.lr, "base_lr": s.lr,

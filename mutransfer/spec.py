@@ -28,6 +28,7 @@ from torch import nn
 
 from mutransfer.config import ConfigError
 from mutransfer.parametrization import ForwardMultipliers, RoleMap
+from mutransfer.step import model_loss
 
 __all__ = ["ModelSpec", "Multipliers", "SpecShape", "load_spec", "modules_matching", "mup_spec"]
 
@@ -129,10 +130,6 @@ class _scale_input:
         return (args[0] * self.factor, *args[1:])
 
 
-def _default_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model(x, y)
-
-
 def _default_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
@@ -170,7 +167,7 @@ class ModelSpec:
     depth: int
     head_dim: int | Callable[[int], int]
     multipliers: Multipliers | Callable[[nn.Module, ForwardMultipliers], None]
-    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = _default_loss
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = model_loss
     logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _default_logits
     blocks: str | None = None
     taps: Mapping[str, str] = field(default_factory=dict)
@@ -228,11 +225,6 @@ class ModelSpec:
             for name in modules_matching(model, pattern):
                 out[name] = kind
         return out
-
-    def readout(self, model: nn.Module) -> str | None:
-        """The output layer's module name (its update effect is the coordinate check's dWx.output)."""
-        names = [n for n, kind in self.tap_modules(model).items() if kind == "output_logits"]
-        return names[0] if len(names) == 1 else None
 
 
 def load_spec(target: str, kwargs: Mapping | None = None, where: str = "model.spec") -> ModelSpec:

@@ -29,9 +29,9 @@ def spec_of(model: ModelConfig | SpecModel) -> ModelSpec:
 
 
 @cache
-def _loaded(target: str, args: str) -> ModelSpec:
-    """One import and one factory call per process and (target, args)."""
-    return load_spec(target, json.loads(args))
+def _loaded(target: str, args: str, where: str = "model.spec") -> ModelSpec:
+    """One import and one factory call per process and (target, args); errors name ``where``."""
+    return load_spec(target, json.loads(args), where=where)
 
 
 def _positive(value, field: str) -> int:
@@ -85,10 +85,7 @@ def _loaded_checked(target, args: dict, where: str) -> ModelSpec:
         key = json.dumps(args, sort_keys=True)
     except TypeError as e:
         raise ConfigError(f"{where}: args are not plain values ({e})") from None
-    try:
-        return _loaded(target, key)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("model.spec", where, 1)) from None
+    return _loaded(target, key, where)
 
 
 def at_width(model: ModelConfig | SpecModel, width: int) -> ModelConfig | SpecModel:
