@@ -122,7 +122,8 @@ class RunConfig:
             "overrides": list(self.overrides),
             "config": self.raw,
             "hparams_lock": {"path": self.lock_path, "content_hash": self.lock.content_hash,
-                             "provenance": self.lock.provenance},
+                             "provenance": self.lock.provenance,
+                             "warnings": [w.model_dump() for w in self.lock.warnings]},
             "hparams": self.hp.model_dump(),
             "lr_correction": self.lr_correction,
             "model": self.shape.model.model_dump(),
@@ -178,7 +179,7 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     check_lock_matches(lock, shape)
     check_dims(shape.model, train.precision)
     stages = parse_stages(raw, shape, lock.hparams)
-    fix = correction(lock.laws, lock.provenance, stages.total_tokens, main_batch(stages), transfer)
+    fix = correction(lock.laws, lock.proxy_train, stages.total_tokens, main_batch(stages), transfer)
     if fix["factor"] != 1.0:  # the stage plan's LR unit (the hidden peak) follows the corrected LR
         stages = parse_stages(raw, shape, corrected(lock.hparams, fix["factor"]))
     check_checkpointing(train.precision, train.activation_checkpointing)

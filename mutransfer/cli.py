@@ -89,6 +89,7 @@ def _run_plan(args) -> int:
         seq_len = first.get("seq_len") or (first.get("phases") or [{}])[0].get("seq_len")
     plan = make_plan(shape, hp, optimizer=args.optimizer, seq_len=seq_len)
     plan["hparams_lock"] = lock_path
+    plan["lock_warnings"] = [w.message for w in lock.warnings] if lock is not None else []
     memory = None
     if raw.get("stages") and lock is not None:
         from mutransfer.laws import TransferCorrection, correction
@@ -98,7 +99,7 @@ def _run_plan(args) -> int:
         use = parse(TransferCorrection, raw.get("transfer", {}), "transfer")
         stage_plan = parse_stages(raw, shape, hp)
         batches = [p.global_batch for _, _, _, p in stage_plan.phases()]
-        fix = correction(lock.laws, lock.provenance, stage_plan.total_tokens, max(set(batches), key=batches.count),
+        fix = correction(lock.laws, lock.proxy_train, stage_plan.total_tokens, max(set(batches), key=batches.count),
                          use)
         applied = use.horizon == "fitted" or use.batch == "fitted"
         plan["lr_transfer"] = {"correction": fix, "groups": transfer_table(lock, shape, fix["factor"] if applied
@@ -116,6 +117,8 @@ def _run_plan(args) -> int:
         print(json.dumps(plan, indent=2))
     else:
         print(format_plan(plan))
+        for message in plan["lock_warnings"]:  # what freeze saw, shown wherever the lock is used
+            print(f"lock warning: {message}")
         if "lr_transfer" in plan:
             from mutransfer.plan import format_transfer_table
 

@@ -43,13 +43,23 @@ def register_freeze(sub) -> None:
     p.add_argument("--law", dest="laws", action="append", default=[], metavar="TRANSFER_DIR",
                    help="attach the horizon (axis steps) or batch (axis batch_size) law a transfer check fitted; "
                         "a full-scale config applies it with [transfer] horizon/batch = 'fitted'")
+    p.add_argument("--strict", action="store_true",
+                   help="a warning (a value at its search range's edge, a law whose check did not pass) is an "
+                        "error: exit 1, no lock written")
     p.set_defaults(func=_run_freeze)
 
 
 def _run_freeze(args) -> int:
-    from proxy_sweeps.freeze import freeze
+    from proxy_sweeps.freeze import StrictRefusal, freeze
 
-    lock = freeze(args.dir, args.out, storage=args.storage, overrides=args.overrides, law_dirs=args.laws)
+    try:
+        lock = freeze(args.dir, args.out, storage=args.storage, overrides=args.overrides, law_dirs=args.laws,
+                      strict=args.strict)
+    except StrictRefusal as e:
+        for w in e.warnings:
+            print(f"warning: {w['message']}", file=sys.stderr)
+        print(f"freeze --strict: {len(e.warnings)} warning(s); no lock written to {args.out}", file=sys.stderr)
+        return 1
     prov = lock["provenance"]
     print(f"froze trial {prov['trial_number']} of study {prov['study']!r} "
           f"(objective {prov['objective']['value']:.4f}) -> {args.out}", file=sys.stderr)
@@ -59,6 +69,8 @@ def _run_freeze(args) -> int:
     for kind, law in lock.get("laws", {}).items():
         print(f"  {kind} law: log2 LR* = {law['a']:.3f} - {law['beta']:.3f} log2 {law['unit']} (from {law['source']})",
               file=sys.stderr)
+    for w in lock["warnings"]:
+        print(f"warning: {w['message']}", file=sys.stderr)
     return 0
 
 
