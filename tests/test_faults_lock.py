@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -203,6 +204,37 @@ def test_the_shipped_locks_still_read():
     for lock in (smoke, recipe):
         assert lock.laws.horizon is None and lock.laws.batch is None and lock.warnings == ()
         assert lock.proxy_train is None
+
+
+def numbers(node, path: str = "lock"):
+    """(dotted path, parent, key) of every number in a lock's JSON object."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        where = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield where, node, key
+        else:
+            yield from numbers(value, where)
+
+
+def test_every_number_of_a_frozen_lock_refuses_nan_naming_its_path(tmp_path):
+    """Discovered from a lock freeze wrote with a law (every record present), not from a list here."""
+    from mutransfer.config import ConfigError
+
+    sweep = write_sweep(tmp_path / "sweep", INSIDE)
+    good = tmp_path / "good.lock.json"
+    assert main(["freeze", str(sweep), "--out", str(good), "--law", str(write_check(tmp_path / "horizon"))]) == 0
+    body = {k: v for k, v in json.loads(good.read_text()).items() if k != "content_hash"}
+    paths = [where for where, _, _ in numbers(body)]
+    assert {"lock.laws.horizon.beta", "lock.provenance.proxy_train.steps", "lock.provenance.objective.value",
+            "lock.provenance.schedule_params.warmup", "lock.hparams.lr", "lock.proxy_model.d_model"} <= set(paths)
+    assert len(paths) > 60
+    for i, where in enumerate(paths):
+        bad = copy.deepcopy(body)
+        _, parent, key = [n for n in numbers(bad)][i]
+        parent[key] = math.nan
+        with pytest.raises(ConfigError, match=re.escape(where) + r"(?![\w.\[])"):
+            read_lock(write_body(tmp_path / "bad.lock.json", bad))
 
 
 # ---------------------------------------------------------------- freeze --out
