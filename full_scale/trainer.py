@@ -92,6 +92,8 @@ class Trainer:
         self.val = [(xs, ys) for x, y in self.datasets[cfg.val_spec].eval_batches(
             "val", batch_size=cfg.train.eval_batch_size, seq_len=cfg.eval_seq_len, max_batches=cfg.train.eval_batches)
             for xs, ys in zip(x.split(rows), y.split(rows), strict=True)]
+        self.heldout_warning = self.datasets[cfg.val_spec].short_eval_warning(
+            cfg.train.eval_batches, cfg.train.eval_batch_size, cfg.eval_seq_len)
 
         torch.manual_seed(cfg.train.seed)
         self.spec = spec_of(cfg.shape.model)
@@ -228,6 +230,10 @@ class Trainer:
                            checkpoint=str(self.resumed_from) if self.resumed_from else None,
                            changed_inputs=self.changed_inputs or None,
                            world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None)
+        if self.heldout_warning:
+            self.metrics.event(start, "warning", message=self.heldout_warning)
+            if env.is_main:
+                print(self.heldout_warning, file=sys.stderr)
         bar = tqdm(total=plan.total_steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                    disable=self.quiet or not env.is_main, mininterval=0.5)
         last = {}

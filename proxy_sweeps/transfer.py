@@ -383,6 +383,7 @@ def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: i
 def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(),
                        seeds: int | None = None, allow_data_change: bool = False) -> int:
     from mutransfer.data.builtin import open_dataset
+    from mutransfer.training import short_eval_warning
     from proxy_sweeps.transfer_verdict import format_verdict, judge
 
     if workers < 1:
@@ -391,6 +392,9 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
         overrides = [*overrides, f"transfer.seeds={seeds}"]
     spec = load_transfer_spec(path, overrides)
     dataset = open_dataset(spec.data, spec.shape.model.tokenizer)  # checked before any compute
+    warning = short_eval_warning(dataset, spec.train)
+    if warning:
+        print(warning, file=sys.stderr)
     out = Path(out_dir)
     config_path = out / "config.json"
     if config_path.is_file():

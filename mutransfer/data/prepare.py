@@ -508,4 +508,23 @@ def prepare_dataset(files, tokenizer: str, out_dir, val_fraction: float = 0.005,
         splits = ", ".join(f"{s} {w.num_tokens:,} tokens / {w.num_documents:,} docs"
                            for s, w in writers.items())
         print(f"prepared {out}: {splits} ({tok.spec})", file=sys.stderr)
+    warning = default_eval_warning(writers["val"].num_tokens, sum(w.num_tokens for w in writers.values()),
+                                   val_fraction)
+    if warning:
+        print(warning, file=sys.stderr)
     return out
+
+
+def default_eval_warning(val_tokens: int, total_tokens: int, val_fraction: float) -> str | None:
+    """The held-out warning against what one evaluation of the default proxy ``[train]`` settings
+    draws (the quick start's: 4 x 16 x 128 tokens); the run itself checks its own settings at start."""
+    from mutransfer.config import ProxyTrain
+    from mutransfer.data.heldout import short_heldout_warning, suggested_val_fraction
+
+    d = ProxyTrain()
+    seq_len = d.eval_seq_len or d.seq_len
+    wanted = d.eval_batches * d.eval_batch_size * seq_len
+    fix = (f"prepare with --val-fraction {suggested_val_fraction(total_tokens, wanted):.2g} (now {val_fraction:g}), "
+           "or evaluate less (train.eval_batches, train.eval_batch_size, train.eval_seq_len)")
+    return short_heldout_warning(val_tokens, d.eval_batches, d.eval_batch_size, seq_len,
+                                 "the default proxy [train] settings", fix)

@@ -1,0 +1,122 @@
+"""What the README's workflow promises across commands: the held-out split is big enough for an
+evaluation (or a warning says it is not), ..."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mutransfer.cli import main
+from mutransfer.data.dataset import TokenDataset
+from mutransfer.data.heldout import eval_draw
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "full_scale" / "smoke.toml"
+# The smoke run cut to a handful of steps per stage (as in tests/test_faults.py).
+SHORT = ["--set", "stages.warmup.steps=2", "--set", "stages.stable1.steps=2", "--set", "stages.stable2.steps=2",
+         "--set", "stages.decay.steps=3", "--set", "stages.long_context.phases.0.steps=1",
+         "--set", "stages.long_context.phases.1.steps=1", "--set", "checkpoint.every=2",
+         "--set", "train.eval_every=4"]
+WORDS = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()
+
+
+def corpus(n_docs: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n\n".join(f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+                       for i in range(n_docs)) + "\n"
+
+
+def prepare(tmp_path: Path, name: str, text: str, val_fraction: float, capsys) -> tuple[TokenDataset, str]:
+    src = tmp_path / f"{name}.txt"
+    src.write_text(text, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["data", "prepare", str(src), "--tokenizer", "byte", "--out", str(tmp_path / name), "--quiet",
+                 "--set", f"val_fraction={val_fraction}"]) == 0
+    return TokenDataset(tmp_path / name), capsys.readouterr().err
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smoke_train(out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mutransfer.cli", "train", str(SMOKE), "--out", str(out), "--quiet", *SHORT, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke run on its defaults (held-out split: the built-in corpus's, large enough)."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    result = smoke_train(out)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def small_val(tmp_path_factory):
+    """A byte dataset whose val split holds a few hundred tokens: fewer than any evaluation draws."""
+    root = tmp_path_factory.mktemp("small")
+    src = root / "small.txt"
+    src.write_text(corpus(40), encoding="utf-8")
+    assert main(["data", "prepare", str(src), "--tokenizer", "byte", "--out", str(root / "data"), "--quiet",
+                 "--set", "val_fraction=0.1"]) == 0
+    return TokenDataset(root / "data")
+
+
+# ---------------------------------------------------------------- held-out split vs one evaluation
+
+
+def test_eval_draw_counts_what_eval_batches_really_uses(small_val):
+    val = small_val.num_tokens("val")
+    for batches, batch_size, seq_len in [(4, 16, 128), (2, 8, 128), (1, 1, 64), (3, 2, 32)]:
+        used = sum(x.numel() for x, _ in small_val.eval_batches("val", batch_size, seq_len, batches))
+        assert eval_draw(val, batches, batch_size, seq_len) == (batches * batch_size * seq_len, used)
+    # the issue's numbers: 3,489 held-out tokens hold 27 windows of 128, one full batch of 16 is used
+    assert eval_draw(3489, 4, 16, 128) == (8192, 2048)
+
+
+def test_prepare_warns_when_val_is_smaller_than_one_default_evaluation(tmp_path, capsys):
+    text = corpus(400)  # about 140 KB of bytes
+    small, err = prepare(tmp_path, "small", text, 0.005, capsys)
+    val = small.num_tokens("val")
+    assert val < 8192
+    assert "warning: the held-out (val) split has" in err and f"{val:,} tokens" in err
+    assert "4 batches x 16 sequences x 128 tokens = 8,192" in err and "--val-fraction" in err
+
+    large, err = prepare(tmp_path, "large", text, 0.2, capsys)
+    assert large.num_tokens("val") > 8192
+    assert "warning" not in err
+
+
+def test_run_start_warns_with_the_run_settings(tmp_path, small_val, smoke_run):
+    out = tmp_path / "run"
+    result = smoke_train(out, "--set", f"data.val='{small_val.directory}'")
+    assert result.returncode == 0, result.stderr
+    val = small_val.num_tokens("val")
+    # smoke.toml: eval_batches 2 x eval_batch_size 8 x eval_seq_len 128
+    assert f"split has {val:,} tokens" in result.stderr and "2 batches x 8 sequences x 128 tokens = 2,048" \
+        in result.stderr
+    warnings = [e for e in read_jsonl(out / "events.jsonl") if e.get("event") == "warning"]
+    assert len(warnings) == 1 and "2,048" in warnings[0]["message"]
+
+    reference, ref_result = smoke_run  # the built-in corpus's val split holds the evaluation
+    assert "warning" not in ref_result.stderr
+    assert not [e for e in read_jsonl(reference / "events.jsonl") if e.get("event") == "warning"]
+
+
+def test_sweep_start_warns_with_the_trial_settings(small_val, capsys):
+    from proxy_sweeps.cli import _warn_short_heldout
+
+    quickstart = ROOT / "proxy_sweeps" / "quickstart.toml"
+    _warn_short_heldout(quickstart, [f"data.spec='{small_val.directory}'"])
+    err = capsys.readouterr().err
+    assert f"split has {small_val.num_tokens('val'):,} tokens" in err and "= 8,192" in err
+    _warn_short_heldout(quickstart, [])  # the built-in corpus: 5 % held out, enough
+    assert "warning" not in capsys.readouterr().err
