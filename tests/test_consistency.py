@@ -120,3 +120,41 @@ def test_sweep_start_warns_with_the_trial_settings(small_val, capsys):
     assert f"split has {small_val.num_tokens('val'):,} tokens" in err and "= 8,192" in err
     _warn_short_heldout(quickstart, [])  # the built-in corpus: 5 % held out, enough
     assert "warning" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the sweep's study in optuna-dashboard
+
+
+def _get(app, path: str) -> dict:
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"PATH_INFO": path}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    assert status == ["200 OK"], (path, status, body[:200])
+    return json.loads(body)
+
+
+def test_dashboard_serves_the_sweep_journal(tmp_path):
+    """The README's `optuna-dashboard runs/NAME/optuna-journal.log`: the dashboard's WSGI app, given the
+    journal the sweep writes (through the sweep's own storage opener), lists the study and its trials."""
+    optuna = pytest.importorskip("optuna")
+    dashboard = pytest.importorskip("optuna_dashboard", reason="the dashboard extra is not installed")
+    from proxy_sweeps.storage import default_storage, journal_path, open_storage
+
+    url = default_storage(tmp_path / "runs" / "demo")
+    storage = open_storage(url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="demo-sweep", storage=storage)
+    study.optimize(lambda t: (t.suggest_float("lr", 1e-3, 1e-1, log=True) - 0.01) ** 2, n_trials=2)
+    assert journal_path(url).endswith("optuna-journal.log")
+
+    # the storage object the sweep uses, and the file path as the command line gives it
+    for source in (storage, journal_path(url)):
+        app = dashboard.wsgi(source)
+        summaries = _get(app, "/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in summaries] == ["demo-sweep"]
+        detail = _get(app, f"/api/studies/{summaries[0]['study_id']}")
+        assert detail["name"] == "demo-sweep" and len(detail["trials"]) == 2
+        assert sorted(t["values"][0] for t in detail["trials"]) == sorted(t.value for t in study.trials)
