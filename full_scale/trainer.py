@@ -32,7 +32,7 @@ from mutransfer.build import build, configure_model, materialize
 from mutransfer.config import ConfigError
 from mutransfer.optim import OptimizerSet, build_optimizers, switch_to_muon
 from mutransfer.plan import flops_per_token
-from mutransfer.rundir import environment, read_json, write_json
+from mutransfer.rundir import ENVIRONMENT_FILE, environment, read_json, write_json
 from mutransfer.specs import spec_of
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
 
@@ -143,12 +143,12 @@ class Trainer:
         return changed
 
     def _write_run_files(self) -> None:
-        """config.json and env.json, once every check has passed (a failed start writes nothing)."""
+        """config.json and environment.json, once every check has passed (a failed start writes nothing)."""
         barrier(self.env)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", self.cfg.to_json())
-            write_json(self.out / "env.json", environment(self.env.world_size, str(self.env.device)))
+            write_json(self.out / ENVIRONMENT_FILE, environment(self.env.world_size, str(self.env.device)))
         barrier(self.env)
 
     def _open_datasets(self) -> dict:

@@ -51,7 +51,7 @@ from mutransfer.config import (
     updated,
 )
 from mutransfer.plan import shape_from_config
-from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
+from mutransfer.rundir import ENVIRONMENT_FILE, append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
 from mutransfer.specs import at_depth, at_width
 from mutransfer.training import Diverged, train_proxy
 from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
@@ -411,7 +411,7 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
                              "data_fingerprint": dataset.fingerprint, "tune": spec.settings.tune,
                              "grid_key": spec.settings.grid_key, "grid": spec.grid,
                              "definition": _definition(spec), "spec": spec.raw})
-    write_json(out / "environment.json", environment())
+    write_json(out / ENVIRONMENT_FILE, environment())
 
     s = spec.settings
     done = done_keys(out, s.grid_key)

@@ -158,3 +158,37 @@ def test_dashboard_serves_the_sweep_journal(tmp_path):
         detail = _get(app, f"/api/studies/{summaries[0]['study_id']}")
         assert detail["name"] == "demo-sweep" and len(detail["trials"]) == 2
         assert sorted(t["values"][0] for t in detail["trials"]) == sorted(t.value for t in study.trials)
+
+
+# ---------------------------------------------------------------- one environment file for every command
+
+
+def test_train_writes_the_environment_file_every_command_writes(smoke_run):
+    from mutransfer.rundir import ENVIRONMENT_FILE, ENVIRONMENT_SCHEMA, read_environment
+
+    out, _ = smoke_run
+    assert ENVIRONMENT_FILE == "environment.json"
+    assert (out / "environment.json").is_file() and not (out / "env.json").exists()
+    env = read_environment(out)
+    assert env["schema"] == ENVIRONMENT_SCHEMA and env["world_size"] == 1 and env["argv"][0].endswith("cli.py")
+
+
+def test_environment_reader_accepts_the_old_name_and_prefers_the_new(tmp_path):
+    from mutransfer.config import ConfigError
+    from mutransfer.rundir import read_environment, write_json
+
+    assert read_environment(tmp_path) is None
+    write_json(tmp_path / "env.json", {"schema": "mutransfer.environment/1", "host": "old"})
+    assert read_environment(tmp_path)["host"] == "old"  # a run directory made before the rename
+    write_json(tmp_path / "environment.json", {"schema": "mutransfer.environment/1", "host": "new"})
+    assert read_environment(tmp_path)["host"] == "new"
+    (tmp_path / "environment.json").write_text("{torn")
+    with pytest.raises(ConfigError, match="environment.json: not readable as JSON"):
+        read_environment(tmp_path)
+
+
+def test_no_command_writes_the_old_environment_file_name():
+    """Every writer uses rundir.ENVIRONMENT_FILE (or its value); only the legacy reader names env.json."""
+    writers = [p for p in ROOT.glob("*/**/*.py") if "tests" not in p.parts
+               and ('"env.json"' in p.read_text(encoding="utf-8") or "'env.json'" in p.read_text(encoding="utf-8"))]
+    assert [p.relative_to(ROOT).as_posix() for p in writers] == ["mutransfer/rundir.py"]
