@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +194,44 @@ def test_no_command_writes_the_old_environment_file_name():
     writers = [p for p in ROOT.glob("*/**/*.py") if "tests" not in p.parts
                and ('"env.json"' in p.read_text(encoding="utf-8") or "'env.json'" in p.read_text(encoding="utf-8"))]
     assert [p.relative_to(ROOT).as_posix() for p in writers] == ["mutransfer/rundir.py"]
+
+
+# ---------------------------------------------------------------- the workflow leaves the checkout clean
+
+
+def workflow_outputs() -> list[str]:
+    """Every `--out` of the README's Workflow table, with the report's Markdown twin and its images."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Workflow", 1)[1].split("\n## ", 1)[0]
+    outputs = []
+    for out in re.findall(r"--out ([^\s`\]]+)", section):
+        outputs.append(out)
+        if out.endswith(".html"):
+            stem = out[: -len(".html")]
+            outputs += [f"{stem}.md", f"{stem}_files/figure.png"]
+    return outputs
+
+
+def check_ignore(path: str) -> bool:
+    """Whether .gitignore's patterns ignore ``path`` (--no-index: the patterns alone, tracked or not)."""
+    result = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT, capture_output=True)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode == 0
+
+
+def test_gitignore_covers_what_the_workflow_writes():
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True, text=True)
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        pytest.skip("not a git checkout")
+    outputs = workflow_outputs()
+    assert {"data/mix", "hparams.lock.json", "report.html", "report.md", "runs/quickstart"} <= set(outputs)
+    for out in outputs:
+        assert check_ignore(out), out
+        if "." not in out.rsplit("/", 1)[-1]:  # a directory: what the command writes inside it
+            assert check_ignore(f"{out}/index.json"), out
+    # the anchored patterns leave the package's own files alone
+    for source in ("mutransfer/data/prepare.py", "mutransfer/data/corpus/tinyshakespeare.txt.gz",
+                   "full_scale/smoke.hparams.lock.json", "analysis/report.py", "README.md"):
+        assert not check_ignore(source), source
