@@ -37,6 +37,16 @@ from mutransfer.specs import spec_of
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
 
 
+def step_clock(device: torch.device) -> float:
+    """The clock a step is timed with (``step_time_s``, ``tokens_per_s``): on CUDA, read once the work
+    already queued is done, so a step is charged with its own work only -- not with an optimizer
+    switch or a recomputation change queued before it, nor is its own work left running past it.
+    Evaluation and checkpoints at a step's end are outside every step's time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint: str | Path | None = None,
           allow_changed_inputs: bool = False) -> dict:
     """Run (or resume) the whole multi-stage run in ``out``; returns a summary.
@@ -277,7 +287,7 @@ class Trainer:
         switched = stage.optimizer == "muon" and self.opts.kind == "adamw"
         if switched:
             self._switch(step, stage)
-        t0 = time.perf_counter()
+        t0 = step_clock(env.device)
         accum = phase.accumulation(env.world_size)
         mixture = self.mixtures[stage.name]
         micro = []
@@ -291,7 +301,7 @@ class Trainer:
                          lr_factor=lambda peak: schedule.factor(step, peak),
                          sync=lambda last: grad_sync(self.model, last), reduce=lambda v: mean_across(env, v),
                          loss_of=self.spec.loss)
-        seconds = time.perf_counter() - t0
+        seconds = step_clock(env.device) - t0
 
         self.state["tokens"] += phase.tokens_per_step
         tokens_per_s = phase.tokens_per_step / seconds

@@ -235,3 +235,65 @@ def test_gitignore_covers_what_the_workflow_writes():
     for source in ("mutransfer/data/prepare.py", "mutransfer/data/corpus/tinyshakespeare.txt.gz",
                    "full_scale/smoke.hparams.lock.json", "analysis/report.py", "README.md"):
         assert not check_ignore(source), source
+
+
+# ---------------------------------------------------------------- step timing at stage boundaries
+
+
+class VirtualClock:
+    """Time that moves only when the test says: each training step costs 1 s per 1,000 tokens it
+    trains on, each evaluation, checkpoint and optimizer switch 100 s."""
+
+    TOKENS_PER_S = 1000.0
+    BOUNDARY_S = 100.0
+
+    def __init__(self):
+        self.now = 0.0
+        self.boundaries: list[str] = []
+
+    def charge(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_stage_first_step_is_timed_like_the_rest_of_its_stage(tmp_path, monkeypatch):
+    """Eval, checkpoint and AdamW -> Muon switch at a stage boundary are charged to no step, and the
+    timer is not reset by a stage change: with every step costing the same per token, tokens/s is the
+    same at every step, so a stage's first step lies within its stage's [min, max] (here: equal to it).
+    On the wall clock (CPU shared with other work) step times scatter by several x, which is why the
+    timing itself is checked with a virtual clock and not with measured seconds."""
+    import full_scale.trainer as trainer
+
+    clock = VirtualClock()
+    monkeypatch.setattr(trainer, "step_clock", lambda device: clock.now)
+    real_step = trainer.train_step
+
+    def timed_step(model, opt, micro, **kw):
+        result = real_step(model, opt, micro, **kw)
+        clock.charge(sum(x.numel() for x, _ in micro) / clock.TOKENS_PER_S)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    for name in ("_evaluate", "_save", "_switch"):
+        real = getattr(trainer.Trainer, name)
+
+        def boundary(self, *args, _real=real, _name=name, **kw):
+            clock.boundaries.append(_name)
+            clock.charge(clock.BOUNDARY_S)
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(trainer.Trainer, name, boundary)
+
+    assert main(["train", str(SMOKE), "--out", str(tmp_path / "run"), "--quiet", *SHORT]) == 0
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert {"_evaluate", "_save", "_switch"} <= set(clock.boundaries)  # every kind of boundary work happened
+    stages: dict[str, list[dict]] = {}
+    for r in rows:
+        stages.setdefault(r["stage"], []).append(r)
+    assert list(stages) == ["warmup", "stable1", "stable2", "decay", "long_context"]
+    for name, stage_rows in stages.items():
+        first, rest = stage_rows[0], stage_rows[1:]
+        assert first["step_time_s"] == pytest.approx(first["tokens_per_step"] / clock.TOKENS_PER_S, rel=1e-9)
+        rates = [r["tokens_per_s"] for r in rest]
+        # rel 1e-9: the rates are equal up to float rounding of tokens / seconds
+        assert min(rates) * (1 - 1e-9) <= first["tokens_per_s"] <= max(rates) * (1 + 1e-9), name
+        assert first["tokens_per_s"] == pytest.approx(clock.TOKENS_PER_S, rel=1e-9)
