@@ -297,3 +297,79 @@ def test_stage_first_step_is_timed_like_the_rest_of_its_stage(tmp_path, monkeypa
         # rel 1e-9: the rates are equal up to float rounding of tokens / seconds
         assert min(rates) * (1 - 1e-9) <= first["tokens_per_s"] <= max(rates) * (1 + 1e-9), name
         assert first["tokens_per_s"] == pytest.approx(clock.TOKENS_PER_S, rel=1e-9)
+
+
+# ---------------------------------------------------------------- long commands are never silent
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0, step: float = 0.0):
+        self.now, self.step = now, step
+
+    def __call__(self) -> float:
+        self.now += self.step  # step > 0: time passes at every reading
+        return self.now
+
+
+def test_sweep_status_line_has_a_heartbeat_without_a_tty(capsys):
+    from proxy_sweeps.sweep import Progress
+
+    clock = FakeClock()
+    progress = Progress(interval=10.0, clock=clock)
+    assert not progress.tty  # pytest captures stderr: the log-file case
+    shown = []
+    for now, line in [(0, "[0m00s] 0/4 done: 1 running"), (5, "[0m05s] 0/4 done: 1 running"),
+                      (9.9, "[0m09s] 0/4 done: 1 running"), (10, "[0m10s] 0/4 done: 1 running"),
+                      (12, "[0m12s] 1/4 done: 1 running"), (15, "[0m15s] 1/4 done: 1 running"),
+                      (22, "[0m22s] 1/4 done: 1 running")]:
+        clock.now = now
+        progress.show(line)
+        shown += [x for x in capsys.readouterr().err.splitlines() if x]
+    # printed: the first line, the heartbeat 10 s after it, the change at 12 s, the heartbeat at 22 s
+    assert shown == ["[0m00s] 0/4 done: 1 running", "[0m10s] 0/4 done: 1 running", "[0m12s] 1/4 done: 1 running",
+                     "[0m22s] 1/4 done: 1 running"]
+    quiet = Progress(quiet=True, interval=0.0, clock=clock)
+    quiet.show("[0m30s] 1/4 done")
+    assert capsys.readouterr().err == ""
+
+
+def test_coordinate_check_reports_steps_inside_a_run():
+    from mutransfer.coord import InRunProgress, run_coord_check
+    from mutransfer.coord_config import CoordConfig
+
+    lines: list[str] = []
+    clock = FakeClock()
+    ticker = InRunProgress(lines.append, steps=10, interval=10.0, clock=clock)
+    ticker.start_run("0/2 runs; run 1 (width 1024)")
+    clock.now = 9.0
+    ticker.step(0, 5.5)
+    assert lines == []  # 9 s since the start: not yet
+    clock.now = 10.0
+    ticker.step(1, 5.4)
+    assert lines == ["0/2 runs; run 1 (width 1024): 2/10 steps, 10s in"]
+    clock.now = 15.0
+    ticker.tick()  # what the thread does during a long step: 5 s since the last line
+    clock.now = 20.5
+    ticker.tick()
+    assert lines[-1] == "0/2 runs; run 1 (width 1024): 2/10 steps, 20s in" and len(lines) == 2
+    ticker.line("1/2 runs: width 1024: loss 5.5 -> 4.0")
+    clock.now = 99.0
+    ticker.tick()  # between runs nothing is running: no step line
+    assert len(lines) == 3
+
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from more, and a shared CPU thrashes
+    try:
+        cfg = CoordConfig(widths=[32, 64], steps=2, seeds=1, batch_size=1, seq_len=16)
+        every_step: list[str] = []  # the clock moves 100 s per reading: every step is past the interval
+        run_coord_check(cfg, progress=every_step.append, progress_interval=10.0, clock=FakeClock(step=100.0))
+        runs_only: list[str] = []
+        run_coord_check(cfg, progress=runs_only.append, progress_interval=1e9, clock=FakeClock())
+    finally:
+        torch.set_num_threads(threads)
+    for index, width in ((1, 32), (2, 64)):
+        for k in (1, 2):
+            assert any(line.startswith(f"{index - 1}/2 runs; run {index} (mup adamw fp32 width {width} ")
+                       and f": {k}/2 steps" in line for line in every_step), (index, k, every_step)
+    assert [line.split(":")[0] for line in runs_only] == ["1/2 runs", "2/2 runs"]
