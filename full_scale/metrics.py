@@ -4,7 +4,7 @@
 update). On resume the rows from the checkpoint's step on are dropped before training continues,
 so the file of a resumed run is the file of an uninterrupted one. ``events.jsonl`` is append-only:
 every start, resume, switch, checkpoint and skipped (corrupt) checkpoint stays in it. Only rank 0
-writes. (config.json and env.json are written by the trainer with ``mutransfer.rundir``.)
+writes. (config.json and environment.json are written by the trainer with ``mutransfer.rundir``.)
 """
 
 from __future__ import annotations

@@ -32,9 +32,19 @@ from mutransfer.build import build, configure_model, materialize
 from mutransfer.config import ConfigError
 from mutransfer.optim import OptimizerSet, build_optimizers, switch_to_muon
 from mutransfer.plan import flops_per_token
-from mutransfer.rundir import environment, read_json, write_json
+from mutransfer.rundir import ENVIRONMENT_FILE, environment, read_json, write_json
 from mutransfer.specs import spec_of
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
+
+
+def step_clock(device: torch.device) -> float:
+    """The clock a step is timed with (``step_time_s``, ``tokens_per_s``): on CUDA, read once the work
+    already queued is done, so a step is charged with its own work only -- not with an optimizer
+    switch or a recomputation change queued before it, nor is its own work left running past it.
+    Evaluation and checkpoints at a step's end are outside every step's time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint: str | Path | None = None,
@@ -92,6 +102,8 @@ class Trainer:
         self.val = [(xs, ys) for x, y in self.datasets[cfg.val_spec].eval_batches(
             "val", batch_size=cfg.train.eval_batch_size, seq_len=cfg.eval_seq_len, max_batches=cfg.train.eval_batches)
             for xs, ys in zip(x.split(rows), y.split(rows), strict=True)]
+        self.heldout_warning = self.datasets[cfg.val_spec].short_eval_warning(
+            cfg.train.eval_batches, cfg.train.eval_batch_size, cfg.eval_seq_len)
 
         torch.manual_seed(cfg.train.seed)
         self.spec = spec_of(cfg.shape.model)
@@ -141,12 +153,12 @@ class Trainer:
         return changed
 
     def _write_run_files(self) -> None:
-        """config.json and env.json, once every check has passed (a failed start writes nothing)."""
+        """config.json and environment.json, once every check has passed (a failed start writes nothing)."""
         barrier(self.env)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", self.cfg.to_json())
-            write_json(self.out / "env.json", environment(self.env.world_size, str(self.env.device)))
+            write_json(self.out / ENVIRONMENT_FILE, environment(self.env.world_size, str(self.env.device)))
         barrier(self.env)
 
     def _open_datasets(self) -> dict:
@@ -228,6 +240,10 @@ class Trainer:
                            checkpoint=str(self.resumed_from) if self.resumed_from else None,
                            changed_inputs=self.changed_inputs or None,
                            world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None)
+        if self.heldout_warning:
+            self.metrics.event(start, "warning", message=self.heldout_warning)
+            if env.is_main:
+                print(self.heldout_warning, file=sys.stderr)
         bar = tqdm(total=plan.total_steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                    disable=self.quiet or not env.is_main, mininterval=0.5)
         last = {}
@@ -271,7 +287,7 @@ class Trainer:
         switched = stage.optimizer == "muon" and self.opts.kind == "adamw"
         if switched:
             self._switch(step, stage)
-        t0 = time.perf_counter()
+        t0 = step_clock(env.device)
         accum = phase.accumulation(env.world_size)
         mixture = self.mixtures[stage.name]
         micro = []
@@ -285,7 +301,7 @@ class Trainer:
                          lr_factor=lambda peak: schedule.factor(step, peak),
                          sync=lambda last: grad_sync(self.model, last), reduce=lambda v: mean_across(env, v),
                          loss_of=self.spec.loss)
-        seconds = time.perf_counter() - t0
+        seconds = step_clock(env.device) - t0
 
         self.state["tokens"] += phase.tokens_per_step
         tokens_per_s = phase.tokens_per_step / seconds

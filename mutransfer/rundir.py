@@ -8,7 +8,9 @@ uses these, so the files mean the same thing everywhere:
 - ``append_jsonl`` / ``read_jsonl``: one JSON object per line, appended under an exclusive lock
   (several processes may append); a reader skips only a torn *last* line (a writer killed
   mid-line) and reports anything else as corruption.
-- ``environment()``: one provenance schema -- time, host, versions, devices, git commit, argv.
+- ``environment()``: one provenance schema -- time, host, versions, devices, git commit, argv --
+  written as ``environment.json`` by every command (``read_environment`` also reads the
+  ``env.json`` of training runs made before the name was the same everywhere).
 - ``pick_device()``: the one rule for ``device = auto | cpu | cuda | cuda:N``.
 """
 
@@ -28,6 +30,8 @@ from pathlib import Path
 from mutransfer.config import ConfigError
 
 ENVIRONMENT_SCHEMA = "mutransfer.environment/1"
+ENVIRONMENT_FILE = "environment.json"
+LEGACY_ENVIRONMENT_FILES = ("env.json",)  # what `train` wrote before; still read
 
 
 def fsync_path(path: Path) -> None:
@@ -186,6 +190,19 @@ def environment(world_size: int = 1, device: str | None = None) -> dict:
                                                                 "pydantic")},
         "code": code_version(),
     }
+
+
+def read_environment(run_dir: str | Path) -> dict | None:
+    """The environment a run directory recorded (``environment.json``, else a legacy ``env.json``);
+    None when it has neither. A file that is there but unreadable is a ConfigError naming it."""
+    for name in (ENVIRONMENT_FILE, *LEGACY_ENVIRONMENT_FILES):
+        path = Path(run_dir) / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{path}: not readable as JSON ({e})") from e
+    return None
 
 
 # ---------------------------------------------------------------- the device

@@ -28,9 +28,27 @@ def register_sweep(sub) -> None:
 def _run_sweep(args) -> int:
     from proxy_sweeps.sweep import run_sweep
 
+    _warn_short_heldout(args.file, args.overrides)
     return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
                      study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
                      threads=args.threads, overrides=args.overrides, allow_data_change=args.allow_data_change)
+
+
+def _warn_short_heldout(spec_path, overrides) -> None:
+    """Warn before the sweep when its data's held-out split is smaller than one trial's evaluation.
+    A spec or data error is left to the sweep itself, which reports it."""
+    from mutransfer.config import ConfigError
+    from mutransfer.data.builtin import open_dataset
+    from mutransfer.training import short_eval_warning
+    from proxy_sweeps.spec import load_spec
+
+    try:
+        spec = load_spec(spec_path, overrides)
+        warning = short_eval_warning(open_dataset(spec.data.spec, spec.shape.model.tokenizer), spec.train)
+    except (ConfigError, OSError):
+        return
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def register_freeze(sub) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, apply_overrides, parse
 from mutransfer.coord_config import DEFAULT_LR, CoordConfig
-from mutransfer.rundir import environment, write_json
+from mutransfer.rundir import ENVIRONMENT_FILE, environment, write_json
 
 
 def _ints(text: str) -> list[int]:
@@ -122,7 +122,7 @@ def write_config(out: Path, cfg: CoordConfig, args) -> dict:
     config = {**cfg.model_dump(), "axis": cfg.axis, "compare": args.compare, "statistic": "l1",
               "hparams": cfg.hparams().model_dump(), "threads": args.threads, "command": rerun_command(cfg, args)}
     write_json(out / "config.json", config)
-    write_json(out / "environment.json", environment(device=cfg.device))
+    write_json(out / ENVIRONMENT_FILE, environment(device=cfg.device))
     return config
 
 

@@ -48,19 +48,24 @@ def progress_line(study: optuna.Study, n_trials: int, max_retries: int, elapsed:
 
 
 class Progress:
-    """One status line on stderr: rewritten in place on a terminal, printed on change otherwise."""
+    """One status line on stderr: rewritten in place on a terminal; otherwise printed on change and,
+    without one, again every ``interval`` seconds (a heartbeat, so a log shows the sweep is alive
+    while a long trial runs). ``clock`` is what the interval is measured with."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, interval: float = 10.0, clock=time.monotonic):
         self.quiet, self.last, self.tty = quiet, None, sys.stderr.isatty()
+        self.interval, self.clock, self.printed_at = interval, clock, None
 
     def show(self, line: str, final: bool = False) -> None:
-        if self.quiet or (line == self.last and not final):
+        if self.quiet or (line == self.last and not final and self.tty):
             return
         body = line.split("] ", 1)[-1]
         if self.tty:
             sys.stderr.write("\r\033[K" + line + ("\n" if final else ""))
-        elif body != (self.last or "").split("] ", 1)[-1]:
+        elif (body != (self.last or "").split("] ", 1)[-1] or self.printed_at is None
+              or self.clock() - self.printed_at >= self.interval):
             sys.stderr.write(line + "\n")
+            self.printed_at = self.clock()
         sys.stderr.flush()
         self.last = line
 

@@ -51,7 +51,7 @@ from mutransfer.config import (
     updated,
 )
 from mutransfer.plan import shape_from_config
-from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
+from mutransfer.rundir import ENVIRONMENT_FILE, append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
 from mutransfer.specs import at_depth, at_width
 from mutransfer.training import Diverged, train_proxy
 from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
@@ -383,6 +383,7 @@ def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: i
 def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(),
                        seeds: int | None = None, allow_data_change: bool = False) -> int:
     from mutransfer.data.builtin import open_dataset
+    from mutransfer.training import short_eval_warning
     from proxy_sweeps.transfer_verdict import format_verdict, judge
 
     if workers < 1:
@@ -391,6 +392,9 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
         overrides = [*overrides, f"transfer.seeds={seeds}"]
     spec = load_transfer_spec(path, overrides)
     dataset = open_dataset(spec.data, spec.shape.model.tokenizer)  # checked before any compute
+    warning = short_eval_warning(dataset, spec.train)
+    if warning:
+        print(warning, file=sys.stderr)
     out = Path(out_dir)
     config_path = out / "config.json"
     if config_path.is_file():
@@ -407,7 +411,7 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
                              "data_fingerprint": dataset.fingerprint, "tune": spec.settings.tune,
                              "grid_key": spec.settings.grid_key, "grid": spec.grid,
                              "definition": _definition(spec), "spec": spec.raw})
-    write_json(out / "environment.json", environment())
+    write_json(out / ENVIRONMENT_FILE, environment())
 
     s = spec.settings
     done = done_keys(out, s.grid_key)

@@ -178,6 +178,20 @@ class TokenDataset:
             batches.append(self._pack([data.window(int(s), seq_len + 1) for s in starts], seq_len))
         return batches
 
+    def short_eval_warning(self, batches: int, batch_size: int, seq_len: int, split: str = "val") -> str | None:
+        """A warning with both numbers when ``split`` holds less than one evaluation of ``batches`` x
+        ``batch_size`` x ``seq_len`` tokens (``eval_batches`` would quietly evaluate on less); else None."""
+        from mutransfer.data.heldout import short_heldout_warning, suggested_val_fraction
+
+        wanted = batches * batch_size * seq_len
+        total = sum(self.num_tokens(s) for s in self.splits)
+        now = self.index.get("settings", {}).get("val_fraction")
+        fix = (f"prepare {str(self.directory)!r} again with --val-fraction "
+               f"{suggested_val_fraction(total, wanted):.2g}" + (f" (now {now:g})" if now else "") +
+               ", or lower train.eval_batches / train.eval_batch_size / train.eval_seq_len")
+        return short_heldout_warning(self.num_tokens(split), batches, batch_size, seq_len, "this run's settings",
+                                     fix)
+
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={self.num_tokens(s):,}" for s in self.splits)
         return f"TokenDataset({str(self.directory)!r}, tokenizer={self.tokenizer!r}, {sizes})"
