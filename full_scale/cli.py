@@ -37,10 +37,11 @@ def register(sub) -> None:
 def run(args) -> int:
     from full_scale.config import load_run_config
     from full_scale.trainer import train
+    from mutransfer.rundir import check_output_dir
     from mutransfer.step import Diverged
 
+    out = check_output_dir(Path(args.out) if args.out else Path("runs") / Path(args.config).stem)
     cfg = load_run_config(args.config, args.overrides, args.hparams)
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:
         summary = train(cfg, out, quiet=args.quiet, from_checkpoint=args.from_checkpoint,
                         allow_changed_inputs=args.allow_changed_inputs)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, apply_overrides, parse
 from mutransfer.coord_config import DEFAULT_LR, CoordConfig
-from mutransfer.rundir import environment, write_json
+from mutransfer.rundir import check_output_dir, environment, write_json
 
 
 def _ints(text: str) -> list[int]:
@@ -153,7 +153,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     args.threads = args.threads or auto_threads()
     torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else default_out(cfg)
+    out = check_output_dir(Path(args.out) if args.out else default_out(cfg))
     out.mkdir(parents=True, exist_ok=True)
     for name in ("coord.parquet", "verdict.json", "coord.png"):  # never leave a previous run's results
         (out / name).unlink(missing_ok=True)

@@ -51,7 +51,15 @@ from mutransfer.config import (
     updated,
 )
 from mutransfer.plan import shape_from_config
-from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
+from mutransfer.rundir import (
+    append_jsonl,
+    check_output_dir,
+    cpu_count,
+    environment,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 from mutransfer.specs import at_depth, at_width
 from mutransfer.training import Diverged, train_proxy
 from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
@@ -390,8 +398,8 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
     if seeds is not None:
         overrides = [*overrides, f"transfer.seeds={seeds}"]
     spec = load_transfer_spec(path, overrides)
+    out = check_output_dir(out_dir)
     dataset = open_dataset(spec.data, spec.shape.model.tokenizer)  # checked before any compute
-    out = Path(out_dir)
     config_path = out / "config.json"
     if config_path.is_file():
         old = read_json(config_path, "transfer-check config")

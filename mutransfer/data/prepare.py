@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from mutransfer.config import ConfigError
+from mutransfer.rundir import check_output_dir
 from mutransfer.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "mutransfer-tokens"
@@ -420,7 +421,7 @@ def prepare_dataset(files, tokenizer: str, out_dir, val_fraction: float = 0.005,
         raise ConfigError(f"val_fraction = {val_fraction} must lie in (0, 1)")
     if shard_tokens <= 0:
         raise ConfigError(f"shard_tokens = {shard_tokens} must be positive")
-    out = Path(out_dir).expanduser().resolve()
+    out = check_output_dir(Path(out_dir).expanduser().resolve(), "data: output directory")
     sources = describe_sources(files)
     tok = load_tokenizer(tokenizer)
     settings = {"val_fraction": float(val_fraction), "text_field": text_field, "shard_tokens": shard_tokens}
