@@ -114,3 +114,24 @@ def test_the_output_check_creates_nothing(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="broken symbolic link"):
         check_output_dir(tmp_path / "dangling", "--out")
+
+
+# ---------------------------------------------------------------- data paths
+
+
+def test_a_data_spec_that_is_a_file_says_so(tmp_path, capsys, text_file):
+    out = tmp_path / "run"
+    assert main(["train", str(SMOKE), "--out", str(out), "--quiet", "--set", f"data.val='{text_file}'"]) == 2
+    err = capsys.readouterr().err
+    assert str(text_file) in err and "is a file, not a prepared dataset directory" in err
+    assert "does not exist" not in err
+    assert f"mutransfer data prepare {text_file}" in err  # how to make one from it
+    assert not out.exists()
+
+
+def test_a_prepared_data_directory_is_accepted(tmp_path, text_file):
+    from mutransfer.data.builtin import open_dataset
+
+    data = tmp_path / "data"
+    assert main(data_prepare(data, text_file)) == 0
+    assert open_dataset(str(data), "byte").num_tokens("train") > 0

@@ -64,7 +64,13 @@ def open_dataset(spec: str, tokenizer: str, cache_dir=None) -> TokenDataset:
             raise ConfigError(f"data = {spec!r} is not a built-in corpus; allowed: 'builtin', "
                               f"{BUILTIN_NAME!r}, or a prepared dataset directory")
         return builtin_dataset(tokenizer, cache_dir=cache_dir)
-    if not Path(spec).expanduser().is_dir():
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data = {spec!r} is a file, not a prepared dataset directory; data is 'builtin' or a "
+                          "directory written by `mutransfer data prepare` (index.json and token shards); make "
+                          f"one from this file with `mutransfer data prepare {spec} --tokenizer {tokenizer} "
+                          "--out DIR`")
+    if not path.is_dir():
         raise ConfigError(f"data = {spec!r} does not exist; prepare one with `mutransfer data prepare FILES "
                           f"--tokenizer {tokenizer} --out {spec}` or use data = 'builtin'")
     dataset = TokenDataset(spec)
