@@ -17,6 +17,7 @@ from pathlib import Path
 from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, apply_overrides, parse
 from mutransfer.coord_config import DEFAULT_LR, CoordConfig
 from mutransfer.rundir import check_output_dir, environment, write_json
+from mutransfer.tokenizer import check_model_vocab
 
 
 def _ints(text: str) -> list[int]:
@@ -80,6 +81,7 @@ def config_from_args(args) -> CoordConfig:
     apply_overrides(raw, args.overrides)
     cfg = parse(CoordConfig, raw, "coord-check").resolved()
     cfg.check_device()
+    check_model_vocab(cfg.shapes()[0].model)  # every width has the same vocabulary
     if args.compare == cfg.param:
         raise ConfigError(f"--compare {args.compare} is the parametrization under test; pick another")
     if args.threads < 0:

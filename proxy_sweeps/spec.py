@@ -44,6 +44,7 @@ from mutransfer.config import (
     updated,
 )
 from mutransfer.plan import shape_from_config
+from mutransfer.tokenizer import check_model_vocab
 
 TABLES = ("sweep", "model", "param", "data", "train", "hparams", "objective", "sampler", "pruner", "search")
 SAMPLERS = ("tpe", "random", "cmaes", "grid", "gp")
@@ -179,6 +180,7 @@ def spec_from_mapping(data: dict, where: str = "sweep file") -> SweepSpec:
     if "model" not in data:
         raise ConfigError("model: missing; give at least model.preset (e.g. 'tiny')")
     shape = shape_from_config({k: data[k] for k in ("model", "param") if k in data}, "sweep")
+    check_model_vocab(shape.model)
     data_spec = parse(DataSpec, data.get("data"), "data")
     train = parse(ProxyTrain, data.get("train"), "train")
     hparams = hparams_from(_table(data, "hparams"))

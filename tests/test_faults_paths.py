@@ -135,3 +135,94 @@ def test_a_prepared_data_directory_is_accepted(tmp_path, text_file):
     data = tmp_path / "data"
     assert main(data_prepare(data, text_file)) == 0
     assert open_dataset(str(data), "byte").num_tokens("train") > 0
+
+
+# ---------------------------------------------------------------- tokenizers and the model's vocabulary
+
+TOKENIZER_SIZE = 320  # > the tiny preset's vocab_size 256, < 384 (the good branch's vocab_size)
+SWEEP = ROOT / "proxy_sweeps" / "quickstart.toml"
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer.json of 320 tokens, trained offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(["Now is the winter of our discontent made glorious summer by this sun of York."] * 20
+                            + [f"The quick brown fox jumps over the lazy dog, time {i}." for i in range(100)], trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    assert max(tok.get_vocab().values()) + 1 == TOKENIZER_SIZE
+    return path
+
+
+def lock_for(tmp_path: Path, tokenizer: Path) -> Path:
+    """The smoke run's lock file, for a model with ``tokenizer`` (the lock records the tokenizer)."""
+    import json
+
+    from mutransfer.lockfile import content_hash
+
+    body = json.loads((ROOT / "full_scale" / "smoke.hparams.lock.json").read_text())
+    body.pop("content_hash")
+    body["tokenizer"] = body["proxy_model"]["tokenizer"] = str(tokenizer)
+    path = tmp_path / "tok.lock.json"
+    path.write_text(json.dumps({**body, "content_hash": content_hash(body)}))
+    return path
+
+
+def vocab_commands(tmp_path: Path, tokenizer: Path, vocab_size: int) -> dict[str, tuple[list[str], str]]:
+    """Each command that takes a model and a tokenizer, with ``vocab_size``; and the error each
+    gives for a bad setting checked after the vocabulary (the witness that the check passed)."""
+    model = ["--set", f"model.tokenizer='{tokenizer}'", "--set", f"model.vocab_size={vocab_size}"]
+    return {
+        "train": (["train", str(SMOKE), "--out", str(tmp_path / "t"), "--quiet", "--hparams",
+                   str(lock_for(tmp_path, tokenizer)), *model, "--set", "train.eval_seq_len=100000"],
+                  "train.eval_seq_len"),
+        "sweep": (["sweep", str(SWEEP), "--out", str(tmp_path / "s"), "--quiet", *model,
+                   "--set", "objective.last_evals=1000"], "objective.last_evals"),
+        "transfer-check": (["transfer-check", str(TRANSFER), "--out", str(tmp_path / "x"), *model,
+                            "--set", "data.extra=1"], "data: expected a table with only 'spec'"),
+        "coord-check": (["coord-check", "--spec", "examples.nanogpt:spec", "--set",
+                         f"spec_args.vocab_size={vocab_size - TOKENIZER_SIZE + 256}", *COORD_SHORT,
+                         "--compare", "mup", "--out", str(tmp_path / "c")], "--compare mup"),
+    }
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "transfer-check", "coord-check"])
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, capsys, big_tokenizer, command):
+    argv, _ = vocab_commands(tmp_path, big_tokenizer, 256)[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    size = 256 if command == "coord-check" else TOKENIZER_SIZE  # coord-check: byte tokens, a 192-row model
+    vocab = 192 if command == "coord-check" else 256
+    assert "model.tokenizer" in err and f"model.vocab_size = {vocab}" in err and f"{size} tokens" in err, err
+    assert not any(tmp_path.glob("[tsxc]"))  # nothing written
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "transfer-check", "coord-check"])
+def test_a_tokenizer_that_fits_the_model_vocabulary_is_accepted(tmp_path, capsys, big_tokenizer, command):
+    argv, witness = vocab_commands(tmp_path, big_tokenizer, 384)[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert witness in err and "model.tokenizer" not in err, err
+
+
+def test_a_dataset_with_ids_beyond_the_model_vocabulary_is_refused(tmp_path, big_tokenizer, text_file):
+    from mutransfer.config import ConfigError
+    from mutransfer.data.builtin import open_dataset
+    from mutransfer.data.dataset import TokenDataset
+
+    data = tmp_path / "data"
+    assert main(["data", "prepare", str(text_file), "--tokenizer", str(big_tokenizer), "--out", str(data),
+                 "--quiet", "--set", "val_fraction=0.2"]) == 0
+    top = max(int(TokenDataset(data).tokens(split).max()) for split in ("train", "val"))
+    assert 256 <= top < TOKENIZER_SIZE  # the text uses merged tokens past the byte range
+    assert TokenDataset(data).max_token_id == top  # recorded when prepared
+    with pytest.raises(ConfigError, match=rf"token ids up to {top}.*model.vocab_size = 256"):
+        open_dataset(str(data), str(big_tokenizer), vocab_size=256)
+    assert open_dataset(str(data), str(big_tokenizer), vocab_size=top + 1).max_token_id == top

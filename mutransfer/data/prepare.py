@@ -259,6 +259,7 @@ class _ShardWriter:
         self.shards: list[dict] = []
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token_id = -1  # the largest id written (-1: none yet)
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self._file = None
@@ -275,6 +276,7 @@ class _ShardWriter:
             return
         tokens = np.concatenate(self._pending).astype(self.dtype)
         self._pending, self._pending_tokens = [], 0
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
         while len(tokens):
             if self._file is None or self.shards[-1]["num_tokens"] == self.shard_tokens:
                 self._open_next()
@@ -368,6 +370,7 @@ def _index(tok: Tokenizer, sources: list[dict], settings: dict, fingerprint: str
         "tokenizer_fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,
         "model_vocab_size": tok.model_vocab_size,
+        "max_token_id": max(w.max_token_id for w in writers.values()),  # a model needs vocab_size above it
         "eos_id": tok.eos_id,
         "document_separator": _separator(tok).tolist(),
         "dtype": token_dtype(tok.vocab_size).name,
