@@ -8,6 +8,7 @@ any compute; a run directory that already holds checkpoints is resumed from the 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,14 +35,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def machine_share(mode: str) -> float:
+    """How many copies of the weights this machine holds: under FSDP its ranks hold
+    ``LOCAL_WORLD_SIZE / WORLD_SIZE`` of one (torchrun sets both), otherwise one per rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return local / world if mode == "fsdp" else float(local)
+
+
 def run(args) -> int:
     from full_scale.config import load_run_config
     from full_scale.trainer import train
+    from mutransfer.model_size import check_fits_machine
     from mutransfer.rundir import check_output_dir
     from mutransfer.step import Diverged
 
     out = check_output_dir(Path(args.out) if args.out else Path("runs") / Path(args.config).stem)
     cfg = load_run_config(args.config, args.overrides, args.hparams)
+    check_fits_machine(cfg.shape, share=machine_share(cfg.parallel.mode))
     try:
         summary = train(cfg, out, quiet=args.quiet, from_checkpoint=args.from_checkpoint,
                         allow_changed_inputs=args.allow_changed_inputs)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, apply_overrides, parse
 from mutransfer.coord_config import DEFAULT_LR, CoordConfig
+from mutransfer.model_size import check_fits_machine
 from mutransfer.rundir import check_output_dir, environment, write_json
 from mutransfer.tokenizer import check_model_vocab
 
@@ -81,7 +82,10 @@ def config_from_args(args) -> CoordConfig:
     apply_overrides(raw, args.overrides)
     cfg = parse(CoordConfig, raw, "coord-check").resolved()
     cfg.check_device()
-    check_model_vocab(cfg.shapes()[0].model)  # every width has the same vocabulary
+    shapes = cfg.shapes()
+    check_model_vocab(shapes[0].model)  # every width has the same vocabulary
+    for shape in shapes:
+        check_fits_machine(shape, f"{cfg.axis} {shape.model.d_model if cfg.axis == 'width' else shape.model.n_layers}")
     if args.compare == cfg.param:
         raise ConfigError(f"--compare {args.compare} is the parametrization under test; pick another")
     if args.threads < 0:

@@ -50,6 +50,7 @@ from mutransfer.config import (
     parse,
     updated,
 )
+from mutransfer.model_size import check_fits_machine
 from mutransfer.plan import shape_from_config
 from mutransfer.rundir import (
     append_jsonl,
@@ -255,7 +256,7 @@ def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
                         hparams=hparams_from(hp_table), raw=data)
     for variant in spec.variants:
         for value in settings.values:  # every grid point must be a model and a budget, before compute
-            spec.shape_at(variant, value)
+            check_fits_machine(spec.shape_at(variant, value), f"transfer.values: {settings.axis} {value}")
             spec.train_at(value)
     return spec
 

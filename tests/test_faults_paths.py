@@ -226,3 +226,73 @@ def test_a_dataset_with_ids_beyond_the_model_vocabulary_is_refused(tmp_path, big
     with pytest.raises(ConfigError, match=rf"token ids up to {top}.*model.vocab_size = 256"):
         open_dataset(str(data), str(big_tokenizer), vocab_size=256)
     assert open_dataset(str(data), str(big_tokenizer), vocab_size=top + 1).max_token_id == top
+
+
+# ---------------------------------------------------------------- model sizes
+
+HUGE = 1_000_000_000  # width: a 2.5e9 x 1e9 FFN matrix, more bytes than int64 counts ("Storage size ... overflowed")
+HUGE_FOR_A_MACHINE = 2**24  # width: 4 blocks of 3 x 2^24 x 2.5 * 2^24 = 8.4e15 fp32 bytes, no machine's memory
+
+
+def size_commands(tmp_path: Path, width: int) -> dict[str, list[str]]:
+    """Each command that builds a model, at ``width``."""
+    return {
+        "plan": ["plan", "tiny", "--set", f"model.width={width}"],
+        "train": ["train", str(SMOKE), "--out", str(tmp_path / "t"), "--quiet", "--set", f"model.width={width}"],
+        "sweep": ["sweep", str(SWEEP), "--out", str(tmp_path / "s"), "--quiet", "--set", f"model.width={width}"],
+        "transfer-check": ["transfer-check", str(TRANSFER), "--out", str(tmp_path / "x"), *TRANSFER_SHORT,
+                           "--set", f"transfer.values=[32, {width}]"],
+        "coord-check": ["coord-check", "tiny", *COORD_SHORT[2:], "--widths", f"64,{width}",
+                        "--out", str(tmp_path / "c")],
+        "coord-check --spec": ["coord-check", "--spec", "examples.nanogpt:spec", *COORD_SHORT[2:],
+                               "--widths", f"64,{width}", "--out", str(tmp_path / "c")],
+    }
+
+
+@pytest.mark.parametrize("command", ["plan", "train", "sweep", "transfer-check", "coord-check",
+                                     "coord-check --spec"])
+def test_a_model_too_large_for_any_tensor_is_refused_naming_the_width(tmp_path, capsys, command):
+    assert main(size_commands(tmp_path, HUGE)[command]) == 2
+    err = capsys.readouterr().err
+    assert f"d_model = {HUGE}" in err and "int64" in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())  # nothing written, nothing run
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "transfer-check", "coord-check", "coord-check --spec"])
+def test_a_model_too_large_for_this_machine_is_refused_before_compute(tmp_path, capsys, command):
+    assert main(size_commands(tmp_path, HUGE_FOR_A_MACHINE)[command]) == 2
+    err = capsys.readouterr().err
+    assert f"d_model = {HUGE_FOR_A_MACHINE}" in err and "memory" in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_plan_shows_a_model_larger_than_this_machine(capsys):
+    """Planning is not building: a model larger than this machine's memory is planned (the 1.3B
+    target is planned on a laptop), only a shape no tensor can hold is refused."""
+    assert main(["plan", "tiny", "--set", f"model.width={HUGE_FOR_A_MACHINE}", "--json"]) == 0
+    assert '"params_total"' in capsys.readouterr().out
+
+
+def test_parameter_counts_match_the_built_models():
+    """The analytic count the size checks use is the count of the parameters torch builds."""
+    from mutransfer.config import RunShape, updated
+    from mutransfer.model_size import parameter_count
+    from mutransfer.plan import count_params
+    from mutransfer.presets import PRESETS
+
+    for name, shape in PRESETS.items():
+        assert parameter_count(shape) == count_params(shape)["params_total"], name
+    tiny = PRESETS["tiny"]
+    wide = RunShape(model=updated(tiny.model, "t", vocab_size=1000, max_seq_len=64), param=tiny.param)
+    assert parameter_count(wide) == count_params(wide)["params_total"]
+
+
+@pytest.mark.parametrize("argv", [["train", str(SMOKE), "--quiet", "--set", "model.depth=100000000"],
+                                  ["coord-check", "tiny", *COORD_SHORT[2:], "--depths", "4,100000000"],
+                                  ["coord-check", "--spec", "examples.nanogpt:spec", *COORD_SHORT[2:],
+                                   "--depths", "4,100000000"]], ids=["train", "coord-check", "coord-check --spec"])
+def test_a_depth_too_large_for_this_machine_is_refused(tmp_path, capsys, argv):
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_layers = 100000000" in err and "memory" in err
+    assert not (tmp_path / "out").exists()
