@@ -3,6 +3,10 @@
 One process as is, many under ``torchrun --nproc-per-node N -m mutransfer.cli train ...`` (or
 ``torchrun --no-python mutransfer train ...``). The config and the lock file are checked before
 any compute; a run directory that already holds checkpoints is resumed from the newest one.
+
+Exit status: 0 done, 1 diverged, 2 bad input (before any compute), 74 (EX_IOERR) no space left
+on device during a checkpoint save (the partial save removed, earlier checkpoints intact: free
+space and rerun to resume).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def machine_share(mode: str) -> float:
 
 
 def run(args) -> int:
+    from full_scale.checkpoint import NO_SPACE_EXIT, NoSpace
     from full_scale.config import load_run_config
     from full_scale.trainer import train
     from mutransfer.model_size import check_fits_machine
@@ -59,6 +64,9 @@ def run(args) -> int:
     except Diverged as e:
         print(f"error: training diverged: {e.reason}", file=sys.stderr)
         return 1
+    except NoSpace as e:
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return NO_SPACE_EXIT
     if "final_val_loss" in summary:  # rank 0
         print(json.dumps(summary, indent=2))
     return 0

@@ -296,3 +296,92 @@ def test_a_depth_too_large_for_this_machine_is_refused(tmp_path, capsys, argv):
     err = capsys.readouterr().err
     assert "model.n_layers = 100000000" in err and "memory" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- a full disk during a checkpoint save
+
+# The smoke run's five stages in 11 steps, a checkpoint every 2 (as in test_faults.py): seconds on CPU.
+SHORT = ["--set", "stages.warmup.steps=2", "--set", "stages.stable1.steps=2", "--set", "stages.stable2.steps=2",
+         "--set", "stages.decay.steps=3", "--set", "stages.long_context.phases.0.steps=1",
+         "--set", "stages.long_context.phases.1.steps=1", "--set", "checkpoint.every=2",
+         "--set", "train.eval_every=4"]
+
+
+def train(out: Path, env: dict | None = None):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mutransfer.cli", "train", str(SMOKE), "--out", str(out), "--quiet", *SHORT]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                          timeout=600)
+
+
+def fill_the_disk_at_the_second_save(out: Path):
+    """Train until the second save (step 4), whose data file the kernel refuses: ENOSPC inside the
+    checkpoint writer (torch.distributed.checkpoint), as on a full disk."""
+    from full_scale.checkpoint import FAILPOINT_ENV
+
+    return train(out, env={FAILPOINT_ENV: "enospc@2"})
+
+
+def test_a_full_disk_during_a_save_is_named_and_the_previous_checkpoint_resumes(tmp_path):
+    from full_scale.checkpoint import NO_SPACE_EXIT, list_checkpoints, verify
+    from mutransfer.rundir import read_jsonl
+
+    out = tmp_path / "run"
+    full = fill_the_disk_at_the_second_save(out)
+    assert full.returncode == NO_SPACE_EXIT, full.stderr[-3000:]
+    err = full.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "no space left on device" in err and str(out / "checkpoints" / "step_00000004") in err
+    assert "step_00000002" in err  # the checkpoint a rerun resumes from
+    # the partial save is gone; the previous checkpoint is whole
+    assert [step for step, _ in list_checkpoints(out)] == [2]
+    assert verify(out / "checkpoints" / "step_00000002") is None
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    resumed = train(out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [e["checkpoint"] for e in read_jsonl(out / "events.jsonl") if e["event"] == "resume"][-1].endswith(
+        "step_00000002")
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(11))
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_full_disk_is_bit_exact(tmp_path):
+    from mutransfer.rundir import read_jsonl
+
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert train(reference).returncode == 0
+    assert fill_the_disk_at_the_second_save(out).returncode != 0
+    assert train(out).returncode == 0
+    assert [r["loss"] for r in read_jsonl(out / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(reference / "metrics.jsonl")]
+
+
+def test_what_counts_as_a_full_disk():
+    """ENOSPC (or a quota's EDQUOT) anywhere in the error, also wrapped by the checkpoint writer;
+    torch's own file writer reports a full disk without an errno ('unexpected pos ...'), so a write
+    error with almost no space left counts too; anything else is not called a full disk."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from full_scale.checkpoint import no_space_reason
+
+    plenty, none = 10 * 2**30, 0
+    full = OSError(errno.ENOSPC, "No space left on device", "x/__0_0.distcp")
+    wrapped = CheckpointException("write_data", {0: _wrap_exception(full)})
+    assert "No space left on device" in no_space_reason(wrapped, plenty)
+    assert no_space_reason(OSError(errno.EDQUOT, "Disk quota exceeded"), plenty)
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise RuntimeError("save failed") from e
+    except RuntimeError as chained:
+        assert no_space_reason(chained, plenty)
+    torn = CheckpointException("write_data", {0: _wrap_exception(RuntimeError("unexpected pos 704 vs 598"))})
+    assert "unexpected pos 704 vs 598" in no_space_reason(torn, none)
+    assert no_space_reason(torn, plenty) is None
+    assert no_space_reason(OSError(errno.EACCES, "Permission denied"), plenty) is None
+    assert no_space_reason(KeyboardInterrupt(), none) is None
