@@ -29,6 +29,16 @@ TRANSFER_SHORT = ["--quiet", "--set", "transfer.values=[32, 64]", "--set", "tran
                   "--set", "train.batch_size=2", "--set", "train.seq_len=16", "--set", "train.threads=1"]
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """The commands run here set torch's thread count (--threads, train.threads); restore it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- output paths
 
 
