@@ -159,6 +159,7 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
                     ) -> RunConfig:
     """Read, override, validate; read the lock and check it against the target. No compute."""
     from mutransfer.precision import check_checkpointing, check_dims
+    from mutransfer.tokenizer import check_model_vocab
 
     raw = apply_overrides(copy.deepcopy(load_toml(path)), overrides, TOP_LEVEL)
     unknown = sorted(set(raw) - set(TOP_LEVEL))
@@ -177,6 +178,7 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     lock = read_lock(lock_path)
     shape = shape_from_config(raw, Path(path).name, param_default=lock.param)
     check_lock_matches(lock, shape)
+    check_model_vocab(shape.model)
     check_dims(shape.model, train.precision)
     stages = parse_stages(raw, shape, lock.hparams)
     fix = correction(lock.laws, lock.proxy_train, stages.total_tokens, main_batch(stages), transfer)

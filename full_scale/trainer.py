@@ -170,8 +170,8 @@ class Trainer:
         datasets = {}
         for turn in (True, False):
             if self.env.is_main == turn:
-                datasets = {spec: open_dataset(spec, tokenizer, cache_dir=self.cfg.data.cache_dir)
-                            for spec in specs}
+                datasets = {spec: open_dataset(spec, tokenizer, cache_dir=self.cfg.data.cache_dir,
+                                               vocab_size=self.cfg.shape.model.vocab_size) for spec in specs}
             barrier(self.env)
         return datasets
 

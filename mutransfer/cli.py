@@ -4,7 +4,8 @@ Core sub-commands (plan, data) live here; the outer packages (proxy_sweeps, full
 analysis) register theirs through the ``mutransfer.commands`` entry-point group, so the core
 never imports them. Building the parser imports no torch, pandas or matplotlib (each command loads
 what it needs when it runs), so ``--help``, ``plan``, ``schema`` and ``report`` start in a moment.
-Exit status: 0 success, 1 a check that failed, 2 bad input.
+Exit status: 0 success, 1 a check that failed, 2 bad input, 74 a full disk during a checkpoint save
+(``train``).
 """
 
 from __future__ import annotations

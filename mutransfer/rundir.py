@@ -12,6 +12,7 @@ uses these, so the files mean the same thing everywhere:
   written as ``environment.json`` by every command (``read_environment`` also reads the
   ``env.json`` of training runs made before the name was the same everywhere).
 - ``pick_device()``: the one rule for ``device = auto | cpu | cuda | cuda:N``.
+- ``check_output_dir()``: the one check of an output path (``--out``), made before any compute.
 """
 
 from __future__ import annotations
@@ -64,6 +65,32 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+    """``path`` as a directory a command may create or write into, else ConfigError naming it.
+
+    An existing path must be a directory this process may write; a missing one needs its nearest
+    existing ancestor to be such a directory. Nothing is created, so a start that fails a later
+    check leaves no directory behind. (Run as root, permission bits do not stop writes, and
+    ``os.access`` says so too.)
+    """
+    path = Path(path).expanduser()
+    if os.path.lexists(path) and not path.exists():
+        raise ConfigError(f"{what} {str(path)!r} is a broken symbolic link; remove it or choose another path")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file, not a directory; choose a directory (new or "
+                          "existing) for the output")
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing == path else f"cannot be created: {str(existing)!r} is not writable"
+        raise ConfigError(f"{what} {str(path)!r} {problem} for this user; choose another path or change its "
+                          "permissions")
+    return path
 
 
 def read_json(path: str | Path, what: str = "file"):

@@ -43,7 +43,9 @@ from mutransfer.config import (
     parse,
     updated,
 )
+from mutransfer.model_size import check_fits_machine
 from mutransfer.plan import shape_from_config
+from mutransfer.tokenizer import check_model_vocab
 
 TABLES = ("sweep", "model", "param", "data", "train", "hparams", "objective", "sampler", "pruner", "search")
 SAMPLERS = ("tpe", "random", "cmaes", "grid", "gp")
@@ -179,6 +181,8 @@ def spec_from_mapping(data: dict, where: str = "sweep file") -> SweepSpec:
     if "model" not in data:
         raise ConfigError("model: missing; give at least model.preset (e.g. 'tiny')")
     shape = shape_from_config({k: data[k] for k in ("model", "param") if k in data}, "sweep")
+    check_model_vocab(shape.model)
+    check_fits_machine(shape)
     data_spec = parse(DataSpec, data.get("data"), "data")
     train = parse(ProxyTrain, data.get("train"), "train")
     hparams = hparams_from(_table(data, "hparams"))

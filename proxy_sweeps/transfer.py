@@ -50,9 +50,20 @@ from mutransfer.config import (
     parse,
     updated,
 )
+from mutransfer.model_size import check_fits_machine
 from mutransfer.plan import shape_from_config
-from mutransfer.rundir import ENVIRONMENT_FILE, append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
+from mutransfer.rundir import (
+    ENVIRONMENT_FILE,
+    append_jsonl,
+    check_output_dir,
+    cpu_count,
+    environment,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 from mutransfer.specs import at_depth, at_width
+from mutransfer.tokenizer import check_model_vocab
 from mutransfer.training import Diverged, train_proxy
 from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
 
@@ -237,6 +248,7 @@ def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
             raise ConfigError("hparams.lr: transfer.tune = 'weight_decay' holds the base LR fixed; give it "
                               "(e.g. the optimum of an LR check at the smallest value)")
     shape = shape_from_config({k: data[k] for k in ("model", "param") if k in data}, "transfer")
+    check_model_vocab(shape.model)
     data_table = data.get("data", {})
     if not isinstance(data_table, dict) or sorted(set(data_table) - {"spec"}):
         raise ConfigError("data: expected a table with only 'spec'")
@@ -245,7 +257,7 @@ def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
                         hparams=hparams_from(hp_table), raw=data)
     for variant in spec.variants:
         for value in settings.values:  # every grid point must be a model and a budget, before compute
-            spec.shape_at(variant, value)
+            check_fits_machine(spec.shape_at(variant, value), f"transfer.values: {settings.axis} {value}")
             spec.train_at(value)
     return spec
 
@@ -314,7 +326,7 @@ def _chain(args) -> list[dict]:
     torch.set_num_threads(threads)
     spec = spec_from_mapping(raw)
     variant = Variant(**variant_dict)
-    dataset = open_dataset(spec.data, spec.shape.model.tokenizer)
+    dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
     key_of = spec.settings.grid_key
     done = {run_key(r, key_of): r for r in read_runs(out_dir)}
     diverged_at = None
@@ -391,11 +403,12 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
     if seeds is not None:
         overrides = [*overrides, f"transfer.seeds={seeds}"]
     spec = load_transfer_spec(path, overrides)
-    dataset = open_dataset(spec.data, spec.shape.model.tokenizer)  # checked before any compute
+    out = check_output_dir(out_dir)
+    # checked before any compute
+    dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
     warning = short_eval_warning(dataset, spec.train)
     if warning:
         print(warning, file=sys.stderr)
-    out = Path(out_dir)
     config_path = out / "config.json"
     if config_path.is_file():
         old = read_json(config_path, "transfer-check config")

@@ -79,6 +79,8 @@ class TokenDataset:
         self.tokenizer_fingerprint: str = index["tokenizer_fingerprint"]
         self.vocab_size: int = index["vocab_size"]
         self.model_vocab_size: int = index["model_vocab_size"]
+        # The largest id in the shards (recorded since it was added; before, the tokenizer's bound).
+        self.max_token_id: int = index.get("max_token_id", self.vocab_size - 1)
         self.eos_id: int | None = index.get("eos_id")
         self.fingerprint: str = index["fingerprint"]
         self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
@@ -119,6 +121,13 @@ class TokenDataset:
                               f"{str(self.directory)!r}, which was prepared with tokenizer "
                               f"{self.tokenizer!r}; prepare the data again with --tokenizer {spec} or use "
                               f"tokenizer = {self.tokenizer!r}")
+
+    def check_vocab(self, vocab_size: int, where: str = "model.vocab_size") -> None:
+        """ConfigError unless every token id of the dataset is below the model's ``vocab_size``."""
+        if self.max_token_id >= vocab_size:
+            raise ConfigError(f"data {str(self.directory)!r} holds token ids up to {self.max_token_id} but {where} = "
+                              f"{vocab_size}; the model needs vocab_size > every id (at least "
+                              f"{self.max_token_id + 1})")
 
     def _check_window(self, split: str, seq_len: int) -> _Split:
         data = self._split(split)

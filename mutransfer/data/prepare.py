@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from mutransfer.config import ConfigError
+from mutransfer.rundir import check_output_dir
 from mutransfer.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "mutransfer-tokens"
@@ -311,6 +312,7 @@ class _ShardWriter:
         self.shards: list[dict] = []
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token_id = -1  # the largest id written (-1: none yet)
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self._file = None
@@ -327,6 +329,7 @@ class _ShardWriter:
             return
         tokens = np.concatenate(self._pending).astype(self.dtype)
         self._pending, self._pending_tokens = [], 0
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
         while len(tokens):
             if self._file is None or self.shards[-1]["num_tokens"] == self.shard_tokens:
                 self._open_next()
@@ -420,6 +423,7 @@ def _index(tok: Tokenizer, sources: list[dict], settings: dict, fingerprint: str
         "tokenizer_fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,
         "model_vocab_size": tok.model_vocab_size,
+        "max_token_id": max(w.max_token_id for w in writers.values()),  # a model needs vocab_size above it
         "eos_id": tok.eos_id,
         "document_separator": _separator(tok).tolist(),
         "dtype": token_dtype(tok.vocab_size).name,
@@ -478,7 +482,7 @@ def prepare_dataset(files, tokenizer: str, out_dir, val_fraction: float = 0.005,
         raise ConfigError(f"val_fraction = {val_fraction} must lie in (0, 1)")
     if shard_tokens <= 0:
         raise ConfigError(f"shard_tokens = {shard_tokens} must be positive")
-    out = Path(out_dir).expanduser().resolve()
+    out = check_output_dir(Path(out_dir).expanduser().resolve(), "data: output directory")
     sources = describe_sources(files, text_field, split, hf_config, hf_cache_dir)
     tok = load_tokenizer(tokenizer)
     settings = {"val_fraction": float(val_fraction), "text_field": text_field, "shard_tokens": shard_tokens}
