@@ -181,8 +181,8 @@ def format_plan(plan: dict) -> str:
         f"parameters: total {_human(plan['params_total'])}  non-embedding {_human(plan['params_non_embedding'])}"
         f"  embedding {_human(plan['params_embedding'])}",
         f"FLOPs/token (seq {plan['seq_len']}): {_human(plan['flops_per_token'])}",
-        "memory (fp32 weights + grads + {} states): {}B".format(plan["optimizer"],
-                                                               _human(plan["memory_bytes"]["total"])),
+        "memory (fp32 weights + grads + {} states): {:.2f} GiB".format(plan["optimizer"],
+                                                                     plan["memory_bytes"]["total"] / 2**30),
         "",
         f"{'role':<11} {'optim':<6} {'tensors':>7} {'params':>9} {'lr':>11} {'init_std':>11} "
         f"{'wd':>9} {'eps':>9}",
