@@ -227,7 +227,8 @@ class Trainer:
                            branched=self.branched,
                            checkpoint=str(self.resumed_from) if self.resumed_from else None,
                            changed_inputs=self.changed_inputs or None,
-                           world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None)
+                           world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None,
+                           recipe_choices=cfg.recipe_choices())
         bar = tqdm(total=plan.total_steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                    disable=self.quiet or not env.is_main, mininterval=0.5)
         last = {}
@@ -257,15 +258,16 @@ class Trainer:
                                    carry_momentum=switch.carry_momentum, restart=restart, fuse=fuse)
         self.state["switched_at"] = step
         self.metrics.event(step, "switch", to="muon", stage=stage.name, carry_momentum=switch.carry_momentum,
-                           restart=restart, muon_fuse=fuse,
+                           restart=restart, restart_from=switch.restart_source(param),
+                           muon_fuse=fuse, muon_fuse_from=switch.fuse_source(param),
                            muon_params=[n for g in self.opts.optimizers["muon"].param_groups for n in g["names"]])
 
     def _train_step(self, step: int, schedule) -> dict:
         cfg, env = self.cfg, self.env
         stage_index, stage = cfg.stages.stage_at(step)
         phase_index, phase = stage.phase_at(step)
-        policy = stage.checkpointing or cfg.train.activation_checkpointing
-        if self.checkpointing != policy:  # this stage's recomputation (plain attributes)
+        policy = stage.policy(phase, cfg.train.activation_checkpointing)
+        if self.checkpointing != policy:  # this phase's recomputation (plain attributes)
             self.inner.set_activation_checkpointing(policy)
             self.checkpointing = policy
         switched = stage.optimizer == "muon" and self.opts.kind == "adamw"
