@@ -229,6 +229,9 @@ class Trainer:
                            changed_inputs=self.changed_inputs or None,
                            world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None,
                            recipe_choices=cfg.recipe_choices())
+        if env.is_main:
+            for note in self._lock_notes():
+                print(f"note: {note}", file=sys.stderr)
         bar = tqdm(total=plan.total_steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                    disable=self.quiet or not env.is_main, mininterval=0.5)
         last = {}
@@ -249,6 +252,15 @@ class Trainer:
             summary["final_val_loss"] = vals[-1] if vals else None
             write_json(summary_path, summary)
         return summary
+
+    def _lock_notes(self) -> list[str]:
+        """Where the config's residual multipliers replace other values of the lock (recorded, and said)."""
+        notes = []
+        for r in self.cfg.recipe_choices()["residual"].values():
+            if r["from"].startswith("residual.") and r["alpha"] != r["lock_alpha"]:
+                notes.append(f"{r['from']} = {r['alpha']} (the config) is used; the lock has {r['lock_alpha']} "
+                             f"(--set {r['from']}='lock' takes the lock's)")
+        return notes
 
     def _switch(self, step: int, stage) -> None:
         cfg = self.cfg

@@ -55,7 +55,8 @@ from dataclasses import dataclass
 from mutransfer.config import ModelConfig
 
 GIB = 2**30
-GPU_80GIB = 80 * GIB  # an "80 GB" H100/A100 holds 80 GiB; the CUDA context and the rest are in the reserve
+# plan's default --gpu-memory (an "80 GB" H100 reports 79.6 GiB); the CUDA context etc. are in the reserve
+GPU_80GIB = 80 * GIB
 # Not tensors, but on the GPU: CUDA context and cuBLAS/cuDNN workspaces (~1 GiB), NCCL
 # communicators and buffers (~1-2 GiB at 48 ranks); and the caching allocator's fragmentation,
 # a fraction of what it holds (varying sequence lengths make it worse; expandable_segments better).

@@ -226,3 +226,19 @@ def test_plan_and_train_accept_alike(capsys, sets):
     plan_rc, plan_err = plan_says(capsys, sets)
     assert plan_rc in (0, 1), plan_err  # 1: a stage does not fit, which is a verdict, not a refusal
     load_run_config(XMODEL, sets)  # everything `train` checks before it looks for a GPU
+
+
+def test_train_says_when_the_configs_residual_multiplier_replaces_the_locks(tmp_path, capsys):
+    """Both branches: a config value that differs from the lock's is said on stderr; an equal one is not."""
+    short = ["stages.warmup.steps=1", "stages.stable1.steps=1", "stages.stable2.steps=1", "stages.decay.steps=1",
+             "stages.long_context.phases.0.steps=1", "stages.long_context.phases.1.steps=1",
+             "checkpoint.at_stage_end=false", "train.eval_batches=1"]
+    args = [a for s in short for a in ("--set", s)]
+    assert main(["train", SMOKE, "--out", str(tmp_path / "a"), "--quiet", *args,
+                 "--set", "residual.alpha_res_ffn=2.5"]) == 0
+    err = capsys.readouterr().err
+    assert "note: residual.alpha_res_ffn = 2.5 (the config) is used; the lock has 1.4" in err
+    assert "alpha_res_attn" not in err
+    assert main(["train", SMOKE, "--out", str(tmp_path / "b"), "--quiet", *args,
+                 "--set", "residual.alpha_res_ffn=1.4"]) == 0
+    assert "note:" not in capsys.readouterr().err
