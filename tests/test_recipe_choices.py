@@ -26,6 +26,7 @@ from mutransfer.config import HParams, ParamConfig
 from mutransfer.lockfile import write_lock
 from mutransfer.presets import get_preset
 from mutransfer.specs import spec_of
+from mutransfer.stages import SwitchSpec, describe_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 XMODEL = str(ROOT / "full_scale" / "xmodel25_1p3b.toml")
@@ -59,14 +60,12 @@ def test_the_recipe_config_keeps_its_switch_choices_under_any_lock(lock, mup_loc
     assert resolved["restart_resolved"] == "all" and resolved["muon_fuse_resolved"] is True
 
 
-def test_without_the_config_saying_so_the_switch_follows_the_parametrization_and_says_where_from(mup_lock):
-    """The other branch: a config that leaves them out gets the parametrization's defaults, named as such."""
+def test_a_config_may_choose_otherwise_and_an_unset_choice_names_its_default(mup_lock):
+    """The other branch: the config's other value is kept; unset, the parametrization's default, named so."""
     cfg = load_run_config(XMODEL, ["optimizer.restart='hidden'", "optimizer.muon_fuse=false"], mup_lock)
     assert cfg.stages.switch.restart_for("mup") == "hidden" and not cfg.stages.switch.fuse_for("mup")
     choices = cfg.to_json()["recipe_choices"]
     assert choices["restart"] == {"value": "hidden", "from": "optimizer.restart"}
-    from mutransfer.stages import SwitchSpec
-
     unset = SwitchSpec()
     assert unset.restart_for("mup") == "hidden" and unset.restart_for("xmodel") == "all"
     assert unset.restart_source("mup") == "the 'mup' default (optimizer.restart unset)"
@@ -78,8 +77,7 @@ def test_the_long_context_floor_is_every_groups_last_lr_under_any_lock(lock, mup
     plan = cfg.stages
     schedule = plan.schedule()
     last = plan.total_steps - 1
-    build_model_groups = __import__("mutransfer.stages", fromlist=["describe_stages"]).describe_stages
-    groups = build_model_groups(cfg.raw, cfg.shape, cfg.hp)[-1]["lr_by_group"]
+    groups = describe_stages(cfg.raw, cfg.shape, cfg.hp)[-1]["lr_by_group"]
     assert groups  # every group of the long-context stage, embedding included
     for name, lr in groups.items():
         assert lr["end"] == pytest.approx(1e-5, rel=1e-9), name
