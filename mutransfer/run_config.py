@@ -165,6 +165,19 @@ def check_checkpointing_policies(shape: RunShape, train: TrainSettings, stages: 
                                   "runs without activation checkpointing; use 'none'")
 
 
+def check_fused_muon(shape: RunShape, stages: StagePlan) -> None:
+    """Fused Muon needs a model spec that names its fused sets: refused here, not at the switch."""
+    from mutransfer.specs import spec_of
+
+    param = shape.param.parametrization
+    if stages.switch_step is None or not stages.switch.fuse_for(param) or spec_of(shape.model).fuse_key is not None:
+        return
+    model = shape.model.spec if isinstance(shape.model, SpecModel) else "the built-in Transformer"
+    raise ConfigError(f"optimizer.muon_fuse = true ({stages.switch.fuse_source(param)}): the model spec of {model} "
+                      "names no fused sets (ModelSpec.fuse_key) for Muon to orthogonalise as one matrix; "
+                      "set optimizer.muon_fuse = false")
+
+
 def check_run(raw: dict, shape: RunShape, lock, hp: HParams | None = None) -> CheckedRun:
     """The one validation of a staged config against its target and lock (``plan`` and ``train``).
 
@@ -185,6 +198,7 @@ def check_run(raw: dict, shape: RunShape, lock, hp: HParams | None = None) -> Ch
     if fix["factor"] != 1.0:  # the stage plan's LR unit (the hidden peak) follows the corrected LR
         stages = parse_stages(raw, shape, run_hp)
     check_checkpointing_policies(shape, train, stages)
+    check_fused_muon(shape, stages)
     if train.eval_seq_len is not None and train.eval_seq_len > shape.model.max_seq_len:
         raise ConfigError(f"train.eval_seq_len = {train.eval_seq_len} exceeds model.max_seq_len = "
                           f"{shape.model.max_seq_len}")
