@@ -239,7 +239,11 @@ class Trainer:
                            branched=self.branched,
                            checkpoint=str(self.resumed_from) if self.resumed_from else None,
                            changed_inputs=self.changed_inputs or None,
-                           world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None)
+                           world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None,
+                           recipe_choices=cfg.recipe_choices())
+        if env.is_main:
+            for note in self._lock_notes():
+                print(f"note: {note}", file=sys.stderr)
         if self.heldout_warning:
             self.metrics.event(start, "warning", message=self.heldout_warning)
             if env.is_main:
@@ -265,6 +269,15 @@ class Trainer:
             write_json(summary_path, summary)
         return summary
 
+    def _lock_notes(self) -> list[str]:
+        """Where the config's residual multipliers replace other values of the lock (recorded, and said)."""
+        notes = []
+        for r in self.cfg.recipe_choices()["residual"].values():
+            if r["from"].startswith("residual.") and r["alpha"] != r["lock_alpha"]:
+                notes.append(f"{r['from']} = {r['alpha']} (the config) is used; the lock has {r['lock_alpha']} "
+                             f"(--set {r['from']}='lock' takes the lock's)")
+        return notes
+
     def _switch(self, step: int, stage) -> None:
         cfg = self.cfg
         switch, param = cfg.stages.switch, cfg.shape.param.parametrization
@@ -273,15 +286,16 @@ class Trainer:
                                    carry_momentum=switch.carry_momentum, restart=restart, fuse=fuse)
         self.state["switched_at"] = step
         self.metrics.event(step, "switch", to="muon", stage=stage.name, carry_momentum=switch.carry_momentum,
-                           restart=restart, muon_fuse=fuse,
+                           restart=restart, restart_from=switch.restart_source(param),
+                           muon_fuse=fuse, muon_fuse_from=switch.fuse_source(param),
                            muon_params=[n for g in self.opts.optimizers["muon"].param_groups for n in g["names"]])
 
     def _train_step(self, step: int, schedule) -> dict:
         cfg, env = self.cfg, self.env
         stage_index, stage = cfg.stages.stage_at(step)
         phase_index, phase = stage.phase_at(step)
-        policy = stage.checkpointing or cfg.train.activation_checkpointing
-        if self.checkpointing != policy:  # this stage's recomputation (plain attributes)
+        policy = stage.policy(phase, cfg.train.activation_checkpointing)
+        if self.checkpointing != policy:  # this phase's recomputation (plain attributes)
             self.inner.set_activation_checkpointing(policy)
             self.checkpointing = policy
         switched = stage.optimizer == "muon" and self.opts.kind == "adamw"
