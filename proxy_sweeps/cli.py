@@ -26,11 +26,19 @@ def register_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from proxy_sweeps.sweep import run_sweep
+    from proxy_sweeps.processes import Stopped, stops_raised
 
-    return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
-                     study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
-                     threads=args.threads, overrides=args.overrides, allow_data_change=args.allow_data_change)
+    try:
+        with stops_raised():  # while the sweep's modules load a stop is an exit status too, not a kill
+            from proxy_sweeps.sweep import run_sweep
+
+            return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
+                             study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
+                             threads=args.threads, overrides=args.overrides,
+                             allow_data_change=args.allow_data_change)
+    except Stopped as e:  # before run_sweep caught stops itself (or after it returned): nothing to export
+        print(f"stopped by signal {e.signum} outside the sweep's run; nothing exported", file=sys.stderr)
+        return 128 + e.signum
 
 
 def register_freeze(sub) -> None:
