@@ -114,6 +114,16 @@ def test_an_intact_copy_of_a_finished_sweep_is_accepted(finished, tmp_path, caps
     path, out = copy_of(finished, tmp_path)
     assert sweep(path, out) == 0  # the budget is spent: export only
     assert len(study(out).trials) == 2
+    assert main(["freeze", str(out), "--out", str(tmp_path / "lock.json")]) == 0
+
+
+def test_freeze_refuses_a_torn_journal_naming_it(finished, tmp_path, capsys):
+    path, out = copy_of(finished, tmp_path)
+    line = torn(out / JOURNAL)
+    capsys.readouterr()
+    assert main(["freeze", str(out), "--out", str(tmp_path / "lock.json"), "--storage", str(out / JOURNAL)]) == 2
+    err = capsys.readouterr().err
+    assert str(out / JOURNAL) in err and line in err and not (tmp_path / "lock.json").exists()
 
 
 def test_nothing_is_appended_after_a_partial_line(tmp_path):
