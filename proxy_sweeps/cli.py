@@ -26,29 +26,19 @@ def register_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from proxy_sweeps.sweep import run_sweep
-
-    _warn_short_heldout(args.file, args.overrides)
-    return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
-                     study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
-                     threads=args.threads, overrides=args.overrides, allow_data_change=args.allow_data_change)
-
-
-def _warn_short_heldout(spec_path, overrides) -> None:
-    """Warn before the sweep when its data's held-out split is smaller than one trial's evaluation.
-    A spec or data error is left to the sweep itself, which reports it."""
-    from mutransfer.config import ConfigError
-    from mutransfer.data.builtin import open_dataset
-    from mutransfer.training import short_eval_warning
-    from proxy_sweeps.spec import load_spec
+    from proxy_sweeps.processes import Stopped, stops_raised
 
     try:
-        spec = load_spec(spec_path, overrides)
-        warning = short_eval_warning(open_dataset(spec.data.spec, spec.shape.model.tokenizer), spec.train)
-    except (ConfigError, OSError):
-        return
-    if warning:
-        print(warning, file=sys.stderr)
+        with stops_raised():  # while the sweep's modules load a stop is an exit status too, not a kill
+            from proxy_sweeps.sweep import run_sweep
+
+            return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
+                             study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
+                             threads=args.threads, overrides=args.overrides,
+                             allow_data_change=args.allow_data_change)
+    except Stopped as e:  # before run_sweep caught stops itself (or after it returned): nothing to export
+        print(f"stopped by signal {e.signum} outside the sweep's run; nothing exported", file=sys.stderr)
+        return 128 + e.signum
 
 
 def register_freeze(sub) -> None:

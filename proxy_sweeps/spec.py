@@ -155,10 +155,15 @@ class SweepSpec:
         return self.objective.seeds * self.train.steps
 
     def definition_hash(self) -> str:
-        """Hash of everything that defines the study except its trial budget and retry settings."""
-        body = {k: v for k, v in self.raw.items() if k != "sweep"}
-        body["sweep"] = {k: v for k, v in self.raw.get("sweep", {}).items() if k == "name"}
-        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return definition_hash(self.raw)
+
+
+def definition_hash(raw: dict) -> str:
+    """Hash of everything that defines the study except its trial budget and retry settings; ``raw``
+    is a spec's mapping (also as config.json keeps it)."""
+    body = {k: v for k, v in raw.items() if k != "sweep"}
+    body["sweep"] = {k: v for k, v in raw.get("sweep", {}).items() if k == "name"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _table(data: dict, name: str) -> dict:

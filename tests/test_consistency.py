@@ -112,14 +112,14 @@ def test_smoke_run_on_the_builtin_corpus_does_not_warn(smoke_run):
     assert not [e for e in read_jsonl(smoke_run.out / "events.jsonl") if e.get("event") == "warning"]
 
 
-def test_sweep_start_warns_with_the_trial_settings(small_val, capsys):
-    from proxy_sweeps.cli import _warn_short_heldout
+def test_sweep_start_warns_with_the_trial_settings(small_val, tmp_path, capsys):
+    from proxy_sweeps.sweep import prepare
 
     quickstart = ROOT / "proxy_sweeps" / "quickstart.toml"
-    _warn_short_heldout(quickstart, [f"data.spec='{small_val.directory}'"])
+    prepare(quickstart, tmp_path / "small", overrides=[f"data.spec='{small_val.directory}'"])
     err = capsys.readouterr().err
     assert f"split has {small_val.num_tokens('val'):,} tokens" in err and "= 8,192" in err
-    _warn_short_heldout(quickstart, [])  # the built-in corpus: 5 % held out, enough
+    prepare(quickstart, tmp_path / "builtin")  # the built-in corpus: 5 % held out, enough
     assert "warning" not in capsys.readouterr().err
 
 
