@@ -108,6 +108,21 @@ def test_the_check_keeps_its_draws_and_freeze_carries_them_into_the_lock(tmp_pat
     assert lock.laws.horizon.model_params > 0  # the check's model (tiny), for tokens per parameter
 
 
+def test_freeze_law_carries_the_draws_into_the_lock(tmp_path, capsys, horizon_check):
+    from tests.test_faults_lock import INSIDE, write_sweep
+
+    verdict, config = horizon_check
+    check = tmp_path / "horizon"
+    check.mkdir()
+    (check / "verdict.json").write_text(json.dumps(verdict))
+    (check / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "hparams.lock.json"
+    assert main(["freeze", str(write_sweep(tmp_path / "sweep", INSIDE)), "--out", str(out), "--law", str(check)]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    law_ = read_lock(out).laws.horizon
+    assert law_.draws.beta == verdict["law"]["law"]["draws"]["beta"] and law_.model_params > 0
+
+
 def test_a_lock_refuses_draws_that_are_not_pairs(tmp_path, horizon_check):
     from mutransfer.config import ConfigError
 
