@@ -247,6 +247,10 @@ class Trainer:
         if env.is_main:
             for note in self._lock_notes():
                 print(f"note: {note}", file=sys.stderr)
+        for warning in cfg.lr_correction.get("warnings", []):  # an applied law past its data, or not passed
+            self.metrics.event(start, "warning", message=warning["message"])
+            if env.is_main:
+                print(f"warning: {warning['message']}", file=sys.stderr)
         if self.heldout_warning:
             self.metrics.event(start, "warning", message=self.heldout_warning)
             if env.is_main:

@@ -104,6 +104,7 @@ def _run_plan_staged(args, gpu_memory: int) -> int:
         memory_plan,
         shape_from_config,
         transfer_table,
+        weight_decay_transfer,
     )
     from mutransfer.presets import at_width
     from mutransfer.run_config import FullTrain, check_run, lock_path_of, read_config, section
@@ -123,10 +124,13 @@ def _run_plan_staged(args, gpu_memory: int) -> int:
     plan = make_plan(shape, run.hparams, optimizer=args.optimizer, seq_len=args.seq_len or first)
     plan["hparams_lock"] = lock_path
     plan["lock_warnings"] = [w.message for w in lock.warnings]
-    fix = run.lr_correction
+    fix = with_tokens_per_parameter(run.lr_correction, lock.laws, run.stages.total_tokens, plan["params_total"])
     applied = run.transfer.horizon == "fitted" or run.transfer.batch == "fitted"
     plan["lr_transfer"] = {"correction": fix, "groups": transfer_table(lock, shape, fix["factor"] if applied
-                                                                        else _would_be(fix), applied)}
+                                                                        else _would_be(fix), applied,
+                                                                        fix["interval_90"]),
+                           "weight_decay": weight_decay_transfer()}
+    plan["warnings"] = fix["warnings"]
     plan["recipe_choices"] = recipe_choices(shape, run.stages, run.residual, lock.hparams, run.hparams)
     plan["schedule"] = describe_stages(raw, shape, run.hparams)
     memory = memory_plan(run, shape, args.world_size, gpu_memory)
@@ -138,7 +142,7 @@ def _run_plan_staged(args, gpu_memory: int) -> int:
         print(format_plan(plan))
         print_lock_warnings(plan["lock_warnings"])
         print()
-        for block in (format_transfer_table(plan["lr_transfer"]["groups"], fix),
+        for block in (format_transfer_table(plan["lr_transfer"]["groups"], fix, plan["warnings"]),
                       format_stages(plan["schedule"]), format_choices(plan["recipe_choices"]), format_memory(memory)):
             print(block)
             print()
@@ -152,6 +156,15 @@ def print_lock_warnings(messages: list[str]) -> None:
     the lock is used."""
     for message in messages:
         print(f"lock warning: {message}")
+
+
+def with_tokens_per_parameter(fix: dict, laws, tokens: float, params: int) -> dict:
+    """``fix`` with each law's tokens per parameter: the target's against the range the law was fitted at."""
+    from mutransfer.laws import tokens_per_parameter
+
+    terms = {kind: {**t, "tokens_per_parameter": tokens_per_parameter(getattr(laws, kind), tokens, params)}
+             for kind, t in fix["terms"].items()}
+    return {**fix, "terms": terms}
 
 
 def _would_be(fix: dict) -> float:

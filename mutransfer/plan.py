@@ -318,16 +318,23 @@ def format_memory(mem: dict) -> str:
 
 # ---------------------------------------------------------------- from the proxy's LR to the target's
 
-def transfer_table(lock, target: RunShape, factor: float, applied: bool) -> list[dict]:
+def transfer_table(lock, target: RunShape, factor: float, applied: bool,
+                   interval: list[float] | None = None) -> list[dict]:
     """Per optimizer and role: the LR at the proxy's shape (where the lock was tuned), at the
     target's shape (the muP table's width/depth transfer), and after the fitted horizon/batch laws
-    (``factor``; applied to the run only when its config asks for it)."""
+    (``factor``; applied to the run only when its config asks for it), with ``lr_interval_90``: the
+    corrected LR at the ends of ``interval`` (the factor's 90 % interval, ``laws.factor_interval``;
+    None without one). Each group's weight decay is the lock's under the muP table: no law moves it."""
     from mutransfer.config import RunShape as Shape
     from mutransfer.config import updated
     proxy = Shape(model=lock.proxy_model, param=lock.param)
     hp = lock.hparams
     roles = transformer_spec(target.model).roles
     present = {roles.role_of(n) for n, _ in build_model(target, hp, device="meta").named_parameters()}
+
+    def lr_at(role, optimizer, f):
+        return resolve_role(role, target.model, target.param, updated(hp, "transfer", lr=hp.lr * f), optimizer).lr
+
     rows = []
     for optimizer in ("adamw", "muon"):
         for role in (r for r in Role if r in present):
@@ -335,14 +342,26 @@ def transfer_table(lock, target: RunShape, factor: float, applied: bool) -> list
             if optimizer == "muon" and at_proxy.optimizer != "muon":
                 continue
             at_target = resolve_role(role, target.model, target.param, hp, optimizer)
-            fixed = resolve_role(role, target.model, target.param, updated(hp, "transfer", lr=hp.lr * factor),
-                                 optimizer)
             rows.append({"optimizer": at_target.optimizer, "role": role.value, "proxy_lr": at_proxy.lr,
-                         "target_lr": at_target.lr, "corrected_lr": fixed.lr, "applied": applied})
+                         "target_lr": at_target.lr, "corrected_lr": lr_at(role, optimizer, factor), "applied": applied,
+                         "lr_interval_90": [lr_at(role, optimizer, f) for f in interval] if interval else None,
+                         "weight_decay": at_target.weight_decay, "weight_decay_by_law": False})
     return rows
 
 
-def format_transfer_table(rows: list[dict], fix: dict) -> str:
+def weight_decay_transfer() -> dict:
+    """What plan says about lambda: the lock's laws are LR laws, so no law transfers it."""
+    return {"transferred_by_law": False, "interval_90": None,
+            "note": "weight decay is not transferred by a law: the lock's laws carry the LR only (a transfer check "
+                    "that tuned weight decay attaches none), so each group's lambda is the lock's base value under "
+                    "the muP table, with no interval; AdamW's decay per step (LR x lambda) follows the corrected LR"}
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def format_transfer_table(rows: list[dict], fix: dict, warnings: list[dict] = ()) -> str:
     def term(kind: str, t: dict) -> str:
         if t.get("applied"):
             return (f"{kind} x{t['factor']:.3g} ({t['unit']} {t['proxy']:.3g} -> {t['target']:.3g}, "
@@ -350,14 +369,34 @@ def format_transfer_table(rows: list[dict], fix: dict) -> str:
         return f"{kind} off" + (f" (would be x{t['would_be']:.3g})" if t.get("would_be") else "")
 
     terms = ", ".join(term(k, t) for k, t in fix["terms"].items()) or "no fitted law in the lock"
+    level = int(round(100 * fix.get("interval", {}).get("level", 0.9)))
     lines = [f"LR per group: at the proxy (as tuned) -> at the target (muP transfer) -> corrected by the fitted "
-             f"laws ({terms})",
-             f"{'group':<18} {'proxy LR':>11} {'target LR':>11} {'corrected':>11}"]
+             f"laws ({terms}), with its {level} % interval",
+             f"{'group':<18} {'proxy LR':>11} {'target LR':>11} {'corrected':>12} {f'{level} % interval':>25}"]
     for r in rows:
         corrected_lr = f"{r['corrected_lr']:.4e}" + ("" if r["applied"] else "*")
+        ci = r.get("lr_interval_90")
+        ci = f"[{ci[0]:.4e}, {ci[1]:.4e}]" if ci else "-"
         lines.append(f"{r['optimizer'] + '/' + r['role']:<18} {r['proxy_lr']:>11.4e} {r['target_lr']:>11.4e} "
-                     f"{corrected_lr:>12}")
+                     f"{corrected_lr:>12} {ci:>25}")
     if rows and not rows[0]["applied"]:
         lines.append("(* not applied: the config keeps the lock's values; [transfer] horizon/batch = 'fitted' "
                      "applies it)")
+    interval = fix.get("interval") or {}
+    if fix["terms"]:
+        sources = "; ".join(f"{k}: {v}" for k, v in interval.get("sources", {}).items()) or "none"
+        lines.append(f"interval: 5th-95th percentile of the corrected LR over the laws' draws ({sources})")
+        for kind, t in fix["terms"].items():
+            tpp = t.get("tokens_per_parameter") or {}
+            fitted = tpp.get("fitted_range")
+            tpp_text = "" if not tpp else (f"; tokens/parameter {tpp['target']:.3g} at the target, "
+                                           + (f"{fitted[0]:.3g}-{fitted[1]:.3g} fitted" if fitted
+                                              else "fitted range not recorded"))
+            lines.append(f"extrapolation of the {kind} law: x{_number(t.get('extrapolation'))} past its largest "
+                         f"fitted value ({_number(t.get('largest_fitted'))} -> {_number(t['target'])} {t['unit']}; "
+                         f"trusted up to x{t['extrapolation_limit']:g}){tpp_text}")
+    else:
+        lines.append("interval: none (no fitted law: the LR is carried by muP alone, exactly as the lock holds it)")
+    lines.append("weight decay: " + weight_decay_transfer()["note"])
+    lines += [f"warning: {w['message']}" for w in warnings]
     return "\n".join(lines)
