@@ -167,6 +167,18 @@ def test_without_laws_the_prediction_is_mups_alone(tmp_path):
     assert prediction_rows(["horizon"]) == [("muP alone", []), ("all laws (horizon)", ["horizon"])]
 
 
+def test_the_report_shows_the_joint_verdict_and_the_ablation(tmp_path, laws):
+    from analysis.joint import draw
+    from analysis.report import write_report
+
+    verdict_for(tmp_path, PREDICTED, laws=laws)
+    draw(tmp_path / "out")
+    written = write_report([str(tmp_path / "out")], tmp_path / "report.html")
+    text = written["markdown"].read_text()
+    assert "Joint verdict: PASS" in text and "all laws (horizon + batch)" in text and "muP alone" in text
+    assert written["images"] == 1 and not written["notes"]  # joint.png shown; not read as a single-axis check
+
+
 # --- the proxy's LR and laws from a lock -----------------------------------------------------------
 
 
