@@ -142,7 +142,7 @@ def test_a_target_far_from_the_prediction_fails(tmp_path, laws):
     assert rows(v)["+ batch law"]["outcome"] == "pass"  # here the batch law alone would have done
 
 
-def test_a_noisy_target_is_inconclusive_with_a_seed_estimate(tmp_path, laws):
+def test_a_noisy_target_straddling_the_goal_is_inconclusive(tmp_path, laws):
     v = verdict_for(tmp_path, PREDICTED + 0.3, noise=0.03, laws=laws)
     assert v["outcome"] == "inconclusive" and v["exit_status"] == 3, v["reasons"]
     lo, hi = rows(v)["all laws (horizon + batch)"]["error"]["ci"]
