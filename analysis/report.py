@@ -36,6 +36,7 @@ from analysis.report_document import (
     render_markdown,
 )
 from analysis.report_hparams import lock_blocks, lock_files, training_lock_blocks
+from analysis.report_joint import is_joint_dir, joint_blocks
 from analysis.report_options import OPTIONS, OptionError, parse_options
 from analysis.report_runs import KIND_NAMES, NotARunDir, Run, find_runs
 from analysis.report_sweep import sweep_blocks
@@ -90,6 +91,8 @@ def build_sections(runs: list[Run], max_trial_rows: int = OPTIONS["max_trial_row
                 build = lambda f=files: lock_blocks(f)
             elif kind == "coord":
                 build = lambda r=run: coord_blocks(r)
+            elif kind == "transfer" and is_joint_dir(run.path):
+                build = lambda r=run: joint_blocks(r)
             elif kind == "transfer":
                 build = lambda r=run: transfer_blocks(r)
             elif kind == "sweep":

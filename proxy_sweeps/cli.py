@@ -83,9 +83,12 @@ def _run_freeze(args) -> int:
 
 
 def register_transfer_check(sub) -> None:
-    p = sub.add_parser("transfer-check", help="LR-transfer evidence along width, depth, token horizon or batch size")
-    p.add_argument("file", help="transfer-check definition (TOML), e.g. proxy_sweeps/lr_transfer_tiny.toml")
-    p.add_argument("--out", required=True, help="results directory (runs.jsonl, verdict.json, transfer.png)")
+    p = sub.add_parser("transfer-check", help="LR-transfer evidence along width, depth, token horizon or batch size; "
+                                              "with a [target] table, the joint check of all of them at once")
+    p.add_argument("file", help="transfer-check definition (TOML), e.g. proxy_sweeps/lr_transfer_tiny.toml, or a "
+                                "joint check, e.g. proxy_sweeps/joint_tiny.toml")
+    p.add_argument("--out", required=True, help="results directory (runs.jsonl, verdict.json, transfer.png or "
+                                                "joint.png)")
     p.add_argument("--workers", type=int, default=1, help="runs in parallel on this machine (CPU threads split)")
     p.add_argument("--seeds", type=int, help="seeds per grid point (raise it on a re-run to add seeds to the "
                                              "directory without repeating the runs it has)")
@@ -98,6 +101,14 @@ def register_transfer_check(sub) -> None:
 
 
 def _run_transfer(args) -> int:
+    from mutransfer.config import load_toml
+    from proxy_sweeps.joint_config import is_joint
+
+    if is_joint(load_toml(args.file)):  # a [target] table: the joint check
+        from proxy_sweeps.joint import run_joint_check
+
+        return run_joint_check(args.file, args.out, workers=args.workers, quiet=args.quiet, overrides=args.overrides,
+                               seeds=args.seeds, allow_data_change=args.allow_data_change)
     from proxy_sweeps.transfer import run_transfer_check
 
     return run_transfer_check(args.file, args.out, workers=args.workers, quiet=args.quiet, overrides=args.overrides,

@@ -20,7 +20,8 @@ larger LRs are recorded as diverged without training. Fits, intervals and the ve
 ``proxy_sweeps.transfer_verdict``; the figure: ``analysis.transfer``.
 
 File layout: [transfer] (``TransferSettings``), then [model], [param], [data], [train], [hparams]
-as in a sweep file (the grid sets the LR, so hparams.lr may not be given).
+as in a sweep file (the grid sets the LR, so hparams.lr may not be given). A file with a [target]
+table instead is a joint check (``proxy_sweeps.joint``), run on this module's workers.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ from mutransfer.rundir import (
 from mutransfer.specs import at_depth, at_width
 from mutransfer.tokenizer import check_model_vocab
 from mutransfer.training import Diverged, train_proxy
+from proxy_sweeps.joint_config import CONFIG_TABLES as JOINT_CONFIG_TABLES
+from proxy_sweeps.joint_config import is_joint
 from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
 
 TABLES = ("transfer", "model", "param", "data", "train", "hparams")
@@ -145,7 +148,8 @@ class TransferSettings(Config):
 
 
 # The transfer-check file's own table, for ``mutransfer schema`` (the rest are a sweep file's).
-CONFIG_TABLES = ("Transfer-check file (mutransfer transfer-check)", [("[transfer]", TransferSettings)])
+CONFIG_TABLES = ("Transfer-check file (mutransfer transfer-check)",
+                 [("[transfer]", TransferSettings), *JOINT_CONFIG_TABLES])
 
 
 class Variant(Config):
@@ -230,6 +234,9 @@ class TransferSpec:
 
 
 def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
+    if is_joint(data):
+        raise ConfigError(f"{where}: a [target] (or [joint]) table makes it a joint check: `mutransfer "
+                          "transfer-check` runs it, proxy_sweeps.joint reads it")
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table")
     unknown = sorted(set(data) - set(TABLES))
@@ -318,13 +325,13 @@ def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, x: float,
 def _chain(args) -> list[dict]:
     """One (variant, axis value, seed): grid ascending; along the LR, stop training after the first
     divergence (a larger LR diverges too); weight decay has no such order, so every point trains."""
-    out_dir, raw, variant_dict, value, seed, todo, threads = args
+    out_dir, raw, variant_dict, value, seed, todo, threads, *reader = args  # reader: another check's spec_from_mapping
     import torch
 
     from mutransfer.data.builtin import open_dataset
 
     torch.set_num_threads(threads)
-    spec = spec_from_mapping(raw)
+    spec = (reader[0] if reader else spec_from_mapping)(raw)
     variant = Variant(**variant_dict)
     dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
     key_of = spec.settings.grid_key
