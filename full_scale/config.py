@@ -4,7 +4,8 @@ Tables: ``[model]`` and ``[param]`` (as ``mutransfer plan`` reads them; ``[param
 then comes from the lock file), ``[[stages]]``, ``[optimizer]`` and ``[data]``
 (mutransfer.stages), ``[train]`` (mutransfer.config.TrainSettings, the same table a proxy run
 has, plus the lock path), and the trainer's own ``[parallel]``, ``[checkpoint]``, ``[metrics]``
-below. Hyperparameters never come from the config: they come from the lock file (``--hparams`` or
+below, and ``[tracking]`` (mutransfer.tracking: experiment trackers fed besides the files; ``--track``
+overrides its backends). Hyperparameters never come from the config: they come from the lock file (``--hparams`` or
 ``train.hparams``), checked against the target.
 """
 
@@ -35,11 +36,12 @@ from mutransfer.laws import TransferCorrection, corrected, correction
 from mutransfer.lockfile import Lock, check_lock_matches, read_lock
 from mutransfer.plan import shape_from_config
 from mutransfer.stages import StagePlan, parse_stages
+from mutransfer.tracking import TrackingSettings, check_installed
 
 TOP_LEVEL = ("model", "param", "stages", "optimizer", "data", "train", "parallel", "checkpoint", "metrics",
-             "transfer")
+             "transfer", "tracking")
 # Tables that do not change the trajectory: a run may resume with them changed.
-NOT_TRAJECTORY = ("checkpoint", "metrics")
+NOT_TRAJECTORY = ("checkpoint", "metrics", "tracking")
 
 
 class FullTrain(TrainSettings):
@@ -63,7 +65,6 @@ class CheckpointSettings(Config):
 
 class MetricsSettings(Config):
     peak_flops: PosFloat | None = None  # per device, for MFU; default from the device table
-    tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True  # progress bar on stderr (rank 0)
 
 
@@ -94,6 +95,7 @@ class RunConfig:
     metrics: MetricsSettings
     data: DataSettings
     transfer: TransferCorrection
+    tracking: TrackingSettings
     lr_correction: dict  # mutransfer.laws.correction: the factor on the base LR and its terms
 
     @property
@@ -132,6 +134,7 @@ class RunConfig:
             "parallel": self.parallel.model_dump(),
             "checkpoint": self.checkpoint.model_dump(),
             "metrics": self.metrics.model_dump(),
+            "tracking": self.tracking.model_dump(),
             "data": self.data.model_dump() | {"val": self.val_spec},
             "optimizer": self.stages.switch.model_dump() | {
                 "restart_resolved": self.stages.switch.restart_for(self.shape.param.parametrization),
@@ -169,9 +172,14 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     train = _section(FullTrain, raw, "train")
     parallel = _section(ParallelSettings, raw, "parallel")
     checkpoint = _section(CheckpointSettings, raw, "checkpoint")
+    if isinstance(raw.get("metrics"), dict) and "tensorboard" in raw["metrics"]:
+        raise ConfigError("metrics.tensorboard: replaced by the [tracking] table; use tracking.backends = "
+                          '["tensorboard"] (or --track tensorboard)')
     metrics = _section(MetricsSettings, raw, "metrics")
     data = _section(DataSettings, raw, "data")
     transfer = _section(TransferCorrection, raw, "transfer")
+    tracking = _section(TrackingSettings, raw, "tracking")
+    check_installed(tracking)
     lock_path = lock_path_of(path, train, hparams_path)
     lock = read_lock(lock_path)
     shape = shape_from_config(raw, Path(path).name, param_default=lock.param)
@@ -194,7 +202,8 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
                           f"{shape.model.max_seq_len}")
     return RunConfig(raw=raw, path=str(path), overrides=tuple(overrides), shape=shape, lock=lock,
                      lock_path=str(lock_path), stages=stages, train=train, parallel=parallel,
-                     checkpoint=checkpoint, metrics=metrics, data=data, transfer=transfer, lr_correction=fix)
+                     checkpoint=checkpoint, metrics=metrics, data=data, transfer=transfer, tracking=tracking,
+                     lr_correction=fix)
 
 
 def main_batch(stages: StagePlan) -> int:

@@ -23,6 +23,7 @@ import optuna
 
 from mutransfer.config import ConfigError
 from mutransfer.rundir import cpu_count, environment, pick_device, write_json
+from mutransfer.tracking import prepare as prepare_tracking
 from proxy_sweeps import storage as st
 from proxy_sweeps.budget import account
 from proxy_sweeps.processes import STOP_SIGNALS, Stopped, raise_stopped
@@ -113,6 +114,7 @@ def prepare(spec_path, out_dir, storage=None, trials=None, study_name=None, over
     dataset = open_dataset(spec.data.spec, spec.shape.model.tokenizer)
     plans = plan_devices(spec, workers, gpus_per_trial, threads)
     out.mkdir(parents=True, exist_ok=True)
+    prepare_tracking(spec.tracking, out)  # e.g. MLflow's database, once, before the workers open runs in it
     store = st.open_storage(url, spec.sweep.heartbeat_interval, spec.sweep.grace_period, spec.sweep.max_retries)
     study = create_or_check(spec, url, name, store, dataset.fingerprint, allow_data_change)
     with st.budget_lock(url, store, name):
