@@ -152,6 +152,44 @@ def test_a_chosen_backend_that_is_not_installed_names_the_extra_before_compute(t
     assert not (out / "tensorboard").exists() and not (out / "checkpoints").exists()
 
 
+def test_a_backend_that_cannot_open_its_store_is_a_config_error(tmp_path, capsys, offline):
+    from mutransfer.tracking import Tracking
+
+    bad = parse(TrackingSettings, {"backends": ["mlflow"], "mlflow_uri": "nosuch://x"}, "tracking")
+    with pytest.raises(ConfigError, match=r"tracking.backends: mlflow could not start run 'r'.*unsupported URI "
+                                          r"'nosuch://x'.*check tracking.mlflow_uri"):
+        Tracking(bad, tmp_path).start("r", "g", {})
+    out = tmp_path / "sweep"  # a sweep opens the store before its workers start: nothing trains
+    assert main(["sweep", str(ROOT / "proxy_sweeps" / "quickstart.toml"), "--out", str(out), "--quiet",
+                 "--track", "mlflow", "--set", 'tracking.mlflow_uri="nosuch://x"']) == 2
+    assert "mlflow cannot open its store" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    good = parse(TrackingSettings, {"backends": ["mlflow"]}, "tracking")  # the default store opens
+    with Tracking(good, tmp_path) as tracking:
+        assert set(tracking.start("r", "g", {"lr": 0.5})) == {"mlflow"}
+        tracking.log({"loss": 2.5}, 0)
+    (run,) = mlflow_runs(tmp_path).values()
+    assert run.data.metrics == {"loss": 2.5} and run.data.params == {"lr": "0.5"}
+
+
+def test_a_backend_that_fails_during_a_run_is_dropped_with_one_warning_and_the_others_go_on(tmp_path, capsys,
+                                                                                            offline):
+    from mutransfer.tracking import Tracking
+
+    settings = parse(TrackingSettings, {"backends": ["mlflow", "tensorboard"]}, "tracking")
+    with Tracking(settings, tmp_path) as tracking:
+        ids = tracking.start("r", "g", {})
+        tracking.log({"loss": 3.0}, 0)
+        assert len(tracking.backends) == 2 and "warning" not in capsys.readouterr().err
+        mlflow_client(tmp_path).delete_run(ids["mlflow"])  # e.g. deleted in the UI while the run trains
+        tracking.log({"loss": 2.0, **{f"m/{i}": i for i in range(600)}}, 1)  # a full batch: sent now, refused
+        tracking.log({"loss": 1.0}, 2)
+        assert [b.name for b in tracking.backends] == ["tensorboard"]
+    err = capsys.readouterr().err
+    assert err.count("warning: tracking: mlflow failed") == 1 and "must be in the 'active' state" in err
+    assert tb_scalars(tmp_path / "tensorboard" / "r")["loss"] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+
+
 # ---------------------------------------------------------------- train: every backend at once
 
 

@@ -21,7 +21,13 @@ import json
 import sys
 from pathlib import Path
 
+from mutransfer.config import ConfigError
 from mutransfer.tracking.settings import TrackingSettings
+
+# What to try when a backend cannot open its run.
+HINTS = {"wandb": " (log in with `wandb login` or WANDB_API_KEY, or run without a server: "
+                  "tracking.wandb_mode = \"offline\" or WANDB_MODE=offline)",
+         "mlflow": " (check tracking.mlflow_uri / $MLFLOW_TRACKING_URI)"}
 
 
 class Tracker:
@@ -88,7 +94,11 @@ def prepare(settings: TrackingSettings | None, root: str | Path) -> None:
     for name in (settings.backends if settings else ()):
         module = importlib.import_module(f"mutransfer.tracking.{name}_backend")
         if hasattr(module, "prepare"):
-            module.prepare(settings, Path(root))
+            try:
+                module.prepare(settings, Path(root))
+            except Exception as e:
+                raise ConfigError(f"tracking.backends: {name} cannot open its store: {type(e).__name__}: "
+                                  f"{str(e).strip()[:500]}{HINTS.get(name, '')}") from e
 
 
 class Tracking:
@@ -113,9 +123,11 @@ class Tracking:
             backend = backend_class(name)(self.settings, self.root)
             try:
                 run_id = backend.start(run_name, group, config, (resume or {}).get(name), resume_step)
-            except Exception as e:
+            except Exception as e:  # a setting or a login to fix: one line, exit status 2, no traceback
                 self.finish(failed=True)
-                raise RuntimeError(f"tracking: the {name} backend could not start run {run_name!r}: {e}") from e
+                hint = HINTS.get(name, "")
+                raise ConfigError(f"tracking.backends: {name} could not start run {run_name!r}: "
+                                  f"{type(e).__name__}: {str(e).strip()[:500]}{hint}") from e
             self.backends.append(backend)
             if run_id is not None:
                 ids[name] = run_id
