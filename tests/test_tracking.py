@@ -281,6 +281,7 @@ def test_train_trackio_run_holds_the_loss_curve(trained):
     assert sorted((r["step"], r["loss"]) for r in logs if "loss" in r) == curve(trained["rows"], "loss")
 
 
+@pytest.mark.slow
 def test_untracked_train_writes_no_tracker_files(tmp_path):
     env = offline_env(tmp_path)
     out = tmp_path / "run"
@@ -314,6 +315,7 @@ QUICK = ["--set", "train.steps=12", "--set", "train.batch_size=4", "--set", "tra
          "--set", "sweep.heartbeat_interval=1", "--set", "sweep.grace_period=60"]
 
 
+@pytest.mark.slow
 def test_sweep_trials_are_tracker_runs_grouped_by_study(tmp_path, offline):
     out = tmp_path / "sweep"
     assert main(["sweep", str(ROOT / "proxy_sweeps" / "quickstart.toml"), "--out", str(out), "--trials", "2",
@@ -366,6 +368,7 @@ eval_batch_size = 4
 """
 
 
+@pytest.mark.slow
 def test_transfer_check_grid_points_are_tracker_runs(tmp_path, offline):
     path = tmp_path / "tiny_check.toml"
     path.write_text(TRANSFER)
