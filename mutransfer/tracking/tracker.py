@@ -123,6 +123,9 @@ class Tracking:
             backend = backend_class(name)(self.settings, self.root)
             try:
                 run_id = backend.start(run_name, group, config, (resume or {}).get(name), resume_step)
+            except ConfigError:  # its package is missing: the message names the extra
+                self.finish(failed=True)
+                raise
             except Exception as e:  # a setting or a login to fix: one line, exit status 2, no traceback
                 self.finish(failed=True)
                 hint = HINTS.get(name, "")
