@@ -8,6 +8,11 @@ written last, ``manifest.json``: the size and CRC-32 of every other file. Every 
 manifest and renames the directory to ``step_...``. A rename is atomic, so a crash mid-save leaves
 only a ``.tmp-*`` that the next start deletes: a partial save never replaces a good one.
 
+A save that fails (e.g. a full disk) removes its ``.tmp-*`` and leaves every earlier checkpoint as
+it was; a full disk -- ENOSPC anywhere in the error, which the checkpoint writer wraps, or a write
+error with almost no space left -- is raised as ``NoSpace``, naming the checkpoint and the one a
+rerun resumes from (``mutransfer train`` exits with ``NO_SPACE_EXIT``).
+
 On resume every ``step_*`` is checked against its manifest, newest first (rank 0 checks, every
 rank gets the verdict): one with a missing, truncated or altered file is reported by name and
 skipped, and the run resumes from the newest good one.
@@ -19,6 +24,7 @@ so a checkpoint loads into a fresh model and into another data-parallel size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -46,11 +52,59 @@ from mutransfer.optim import OptimizerSet
 from mutransfer.rundir import fsync_path, write_json
 
 NAME = re.compile(r"^step_(\d{8})$")
-FAILPOINT_ENV = "MUTRANSFER_FAILPOINT"  # fault injection for the tests: "<phase>@<n-th save>"
+# Fault injection for the tests: "<phase>@<n-th save>" kills the process at that phase of that
+# save; "enospc@<n-th save>" makes the kernel refuse that save's first data file (no space left).
+FAILPOINT_ENV = "MUTRANSFER_FAILPOINT"
 _saves = 0
 TRAINER_FILE = "trainer.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "mutransfer.checkpoint.manifest/1"
+NO_SPACE_EXIT = 74  # EX_IOERR of sysexits.h: the exit status of a run stopped by a full disk
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch's own file writer reports a full disk without an errno ("unexpected pos ..."): a write
+# error with less than this left on the device counts as a full disk too.
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+class NoSpace(OSError):
+    """A checkpoint save stopped by a full disk; the message names the checkpoint and what is intact."""
+
+
+def _causes(error: BaseException):
+    """``error``, its causes and contexts, and each rank's failure a CheckpointException carries."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+
+
+def no_space_reason(error: BaseException, free_bytes: int | None) -> str | None:
+    """One line on why ``error`` (raised while saving) is a full disk, else None: an OSError with
+    ENOSPC or EDQUOT anywhere in it, or a write error while under ``LOW_SPACE_BYTES`` were free."""
+    causes = list(_causes(error))
+    for e in causes:
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            return f"{type(e).__name__}: {e}"
+    if free_bytes is not None and free_bytes < LOW_SPACE_BYTES:
+        for e in reversed(causes):  # the innermost failure says most
+            if isinstance(e, (OSError, RuntimeError)):
+                return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''} " \
+                       f"({free_bytes:,} bytes left on the device)"
+    return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -174,6 +228,18 @@ def _failpoint(phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _full_disk_failpoint(tmp: Path, rank: int) -> None:
+    """When the environment asks for it, the rank's first DCP data file is made a link to
+    ``/dev/full``, so the checkpoint writer's own write fails with the kernel's ENOSPC, as on a
+    full disk (without ``/dev/full``, the same OSError is raised here)."""
+    if os.environ.get(FAILPOINT_ENV) != f"enospc@{_saves}":
+        return
+    target = tmp / f"__{rank}_0.distcp"
+    if not Path("/dev/full").exists():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+    os.symlink("/dev/full", target)
+
+
 def save(out: Path, env: DistEnv, model: nn.Module, opts: OptimizerSet, trainer: dict, keep: int,
          keep_stage_ends: bool = False) -> Path:
     """Write the checkpoint for ``trainer["step"]`` (the next step to run) atomically, then prune
@@ -184,14 +250,36 @@ def save(out: Path, env: DistEnv, model: nn.Module, opts: OptimizerSet, trainer:
     root = checkpoint_root(out)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
+    previous = [path for _, path in list_checkpoints(out) if path != final]
+    try:
+        _save(root, final, tmp, env, model, opts, trainer, keep, keep_stage_ends)
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        reason = no_space_reason(e, _free_bytes(root))  # measured before the partial save is removed
+        if env.is_main and not final.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if reason is None:
+            raise
+        intact = f"the previous checkpoint {previous[-1]} is intact: free space and run the same command " \
+                 "to resume from it" if previous else "no earlier checkpoint exists: free space and run the " \
+                 "same command to start again"
+        raise NoSpace(errno.ENOSPC, f"no space left on device while saving checkpoint {final} ({reason}); "
+                      f"the partial save was removed and {intact}") from None
+    return final
+
+
+def _save(root: Path, final: Path, tmp: Path, env: DistEnv, model: nn.Module, opts: OptimizerSet, trainer: dict,
+          keep: int, keep_stage_ends: bool) -> None:
+    step = trainer["step"]
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(env)
+    _full_disk_failpoint(tmp, env.rank)
     with _quiet_single_process():
         dcp.save(_state(model, opts), checkpoint_id=str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{env.rank}.pt")
+    with open(tmp / "rng" / f"rank_{env.rank}.pt", "wb") as f:  # a Python file: a full disk raises ENOSPC
+        torch.save(rng_state(), f)
     _failpoint("shards")
     if env.is_main:
         write_json(tmp / TRAINER_FILE, trainer)
@@ -214,11 +302,10 @@ def save(out: Path, env: DistEnv, model: nn.Module, opts: OptimizerSet, trainer:
         os.rename(tmp, final)
         _fsync_tree(root, recursive=False)
         _failpoint("renamed")
-        for _, old in list_checkpoints(out)[:-keep]:
+        for _, old in list_checkpoints(root.parent)[:-keep]:
             if not (keep_stage_ends and _stage_end(old)):
                 shutil.rmtree(old, ignore_errors=True)
     barrier(env)
-    return final
 
 
 def _written_by(name: str, rank: int) -> bool:

@@ -1,83 +1,57 @@
 """The full-scale run config: a TOML file plus ``--set key=value`` overrides, checked before compute.
 
-Tables: ``[model]`` and ``[param]`` (as ``mutransfer plan`` reads them; ``[param]`` is optional and
-then comes from the lock file), ``[[stages]]``, ``[optimizer]`` and ``[data]``
-(mutransfer.stages), ``[train]`` (mutransfer.config.TrainSettings, the same table a proxy run
-has, plus the lock path), and the trainer's own ``[parallel]``, ``[checkpoint]``, ``[metrics]``
-below, and ``[tracking]`` (mutransfer.tracking: experiment trackers fed besides the files; ``--track``
-overrides its backends). Hyperparameters never come from the config: they come from the lock file (``--hparams`` or
-``train.hparams``), checked against the target.
+The tables and their one validation are ``mutransfer.run_config``'s (``mutransfer plan`` runs the
+same checks, so a config one accepts the other accepts): ``[model]`` and ``[param]`` (as ``plan``
+reads them; ``[param]`` is optional and then comes from the lock file), ``[[stages]]``,
+``[optimizer]`` and ``[data]`` (mutransfer.stages), ``[train]`` (``FullTrain``: the proxy run's
+settings plus the lock path), ``[parallel]``, ``[checkpoint]``, ``[metrics]``, ``[transfer]``,
+``[residual]`` and ``[tracking]`` (mutransfer.tracking: experiment trackers fed besides the files;
+``--track`` overrides its backends). Hyperparameters never come from the config: they come from
+the lock file (``--hparams`` or ``train.hparams``), checked against the target; ``[residual]``
+names the residual multipliers the run keeps whatever the lock (the recipe's choice, shown beside
+the lock's).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from mutransfer.config import (
-    Config,
-    ConfigError,
-    HParams,
-    NonNegInt,
-    PosFloat,
-    PosInt,
-    RunShape,
-    SpecModel,
-    TrainSettings,
-    apply_overrides,
-    load_toml,
-    parse,
-)
-from mutransfer.laws import TransferCorrection, corrected, correction
+from mutransfer.config import HParams, RunShape
+from mutransfer.laws import TransferCorrection
 from mutransfer.lockfile import Lock, check_lock_matches, read_lock
 from mutransfer.plan import shape_from_config
-from mutransfer.stages import StagePlan, parse_stages
+from mutransfer.run_config import (
+    TOP_LEVEL,
+    CheckpointSettings,
+    DataSettings,
+    FullTrain,
+    MetricsSettings,
+    ParallelSettings,
+    ResidualSettings,
+    check_run,
+    lock_path_of,
+    main_batch,
+    read_config,
+    section,
+)
+from mutransfer.stages import StagePlan
 from mutransfer.tracking import TrackingSettings, check_installed
 
-TOP_LEVEL = ("model", "param", "stages", "optimizer", "data", "train", "parallel", "checkpoint", "metrics",
-             "transfer", "tracking")
+__all__ = ["TOP_LEVEL", "NOT_TRAJECTORY", "CONFIG_TABLES", "RunConfig", "load_run_config", "lock_path_of",
+           "main_batch", "FullTrain", "ParallelSettings", "CheckpointSettings", "MetricsSettings", "DataSettings",
+           "ResidualSettings"]
+
 # Tables that do not change the trajectory: a run may resume with them changed.
 NOT_TRAJECTORY = ("checkpoint", "metrics", "tracking")
-
-
-class FullTrain(TrainSettings):
-    """``[train]`` of a full-scale run: the shared settings plus where the lock file is."""
-
-    hparams: str | None = None  # lock file, relative to the config file; --hparams wins
-    eval_every: PosInt = 100  # steps between held-out evaluations (also at every stage end)
-    eval_batch_size: PosInt = 8
-
-
-class ParallelSettings(Config):
-    mode: Literal["fsdp", "ddp"] = "fsdp"  # with more than one process: FSDP2 fully_shard, or DDP
-
-
-class CheckpointSettings(Config):
-    every: NonNegInt = 1000  # steps between checkpoints; 0: only at stage ends and at the end
-    keep: PosInt = 3  # newest complete checkpoints kept
-    at_stage_end: bool = True  # also after each stage's last step (e.g. the pre-switch state)
-    keep_stage_ends: bool = True  # never prune those: branch points (e.g. the AdamW-only control)
-
-
-class MetricsSettings(Config):
-    peak_flops: PosFloat | None = None  # per device, for MFU; default from the device table
-    progress: bool = True  # progress bar on stderr (rank 0)
-
-
-class DataSettings(Config):
-    mixture: list[dict] | None = None  # default mixture for stages without their own (mutransfer.stages)
-    val: str | None = None  # held-out data; default: the first stage's first source
-    cache_dir: str | None = None  # where the built-in corpus is prepared
-
 
 # The full-scale config's own tables, for ``mutransfer schema`` (entry point ``mutransfer.configs``).
 CONFIG_TABLES = ("Full-scale config (mutransfer train)",
                  [("[train]", FullTrain), ("[parallel]", ParallelSettings), ("[checkpoint]", CheckpointSettings),
-                  ("[metrics]", MetricsSettings), ("[data]", DataSettings), ("[transfer]", TransferCorrection)])
+                  ("[metrics]", MetricsSettings), ("[data]", DataSettings), ("[transfer]", TransferCorrection),
+                  ("[residual]", ResidualSettings)])
 
 
 @dataclass(frozen=True)
@@ -95,13 +69,21 @@ class RunConfig:
     metrics: MetricsSettings
     data: DataSettings
     transfer: TransferCorrection
+    residual: ResidualSettings
     tracking: TrackingSettings
+    hparams: HParams  # the lock's, with [residual]'s multipliers and the fitted laws' LR when asked
     lr_correction: dict  # mutransfer.laws.correction: the factor on the base LR and its terms
 
     @property
     def hp(self) -> HParams:
-        """The lock's base hyperparameters, with the LR corrected by the fitted laws when asked for."""
-        return corrected(self.lock.hparams, self.lr_correction["factor"])
+        """The run's hyperparameters: the lock's base values, [residual]'s multipliers, the corrected LR."""
+        return self.hparams
+
+    def recipe_choices(self) -> dict:
+        """The run's choices beyond the base hyperparameters, each with where it came from."""
+        from mutransfer.choices import recipe_choices
+
+        return recipe_choices(self.shape, self.stages, self.residual, self.lock.hparams, self.hparams)
 
     @property
     def eval_seq_len(self) -> int:
@@ -124,7 +106,8 @@ class RunConfig:
             "overrides": list(self.overrides),
             "config": self.raw,
             "hparams_lock": {"path": self.lock_path, "content_hash": self.lock.content_hash,
-                             "provenance": self.lock.provenance},
+                             "provenance": self.lock.provenance,
+                             "warnings": [w.model_dump() for w in self.lock.warnings]},
             "hparams": self.hp.model_dump(),
             "lr_correction": self.lr_correction,
             "model": self.shape.model.model_dump(),
@@ -139,76 +122,24 @@ class RunConfig:
             "optimizer": self.stages.switch.model_dump() | {
                 "restart_resolved": self.stages.switch.restart_for(self.shape.param.parametrization),
                 "muon_fuse_resolved": self.stages.switch.fuse_for(self.shape.param.parametrization)},
+            "residual": self.residual.model_dump(),
+            "recipe_choices": self.recipe_choices(),
             "trajectory_fingerprint": self.trajectory_fingerprint(),
         }
-
-
-def _section(cls, raw: dict, name: str):
-    return parse(cls, raw.get(name, {}), name)
-
-
-def lock_path_of(path: str, train: FullTrain, hparams_path: str | None) -> str:
-    if hparams_path is not None:
-        return hparams_path
-    if train.hparams is not None:
-        return str(Path(path).parent / train.hparams)
-    raise ConfigError("no hyperparameters: pass --hparams hparams.lock.json (written by "
-                      "`mutransfer freeze`, or the shipped full_scale/xmodel25_recipe.lock.json) or set "
-                      "train.hparams in the config")
 
 
 def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hparams_path: str | None = None
                     ) -> RunConfig:
     """Read, override, validate; read the lock and check it against the target. No compute."""
-    from mutransfer.precision import check_checkpointing, check_dims
-
-    raw = apply_overrides(copy.deepcopy(load_toml(path)), overrides, TOP_LEVEL)
-    unknown = sorted(set(raw) - set(TOP_LEVEL))
-    if "hparams" in unknown:
-        raise ConfigError(f"{path}: [hparams] is not allowed in a training config; the base hyperparameters "
-                          "come from the lock file (--hparams hparams.lock.json or train.hparams)")
-    if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {unknown}; allowed: {list(TOP_LEVEL)}")
-    train = _section(FullTrain, raw, "train")
-    parallel = _section(ParallelSettings, raw, "parallel")
-    checkpoint = _section(CheckpointSettings, raw, "checkpoint")
-    if isinstance(raw.get("metrics"), dict) and "tensorboard" in raw["metrics"]:
-        raise ConfigError("metrics.tensorboard: replaced by the [tracking] table; use tracking.backends = "
-                          '["tensorboard"] (or --track tensorboard)')
-    metrics = _section(MetricsSettings, raw, "metrics")
-    data = _section(DataSettings, raw, "data")
-    transfer = _section(TransferCorrection, raw, "transfer")
-    tracking = _section(TrackingSettings, raw, "tracking")
-    check_installed(tracking)
+    raw = read_config(path, overrides)
+    train = section(FullTrain, raw, "train")
     lock_path = lock_path_of(path, train, hparams_path)
     lock = read_lock(lock_path)
     shape = shape_from_config(raw, Path(path).name, param_default=lock.param)
     check_lock_matches(lock, shape)
-    check_dims(shape.model, train.precision)
-    stages = parse_stages(raw, shape, lock.hparams)
-    fix = correction(lock.laws, lock.provenance, stages.total_tokens, main_batch(stages), transfer)
-    if fix["factor"] != 1.0:  # the stage plan's LR unit (the hidden peak) follows the corrected LR
-        stages = parse_stages(raw, shape, corrected(lock.hparams, fix["factor"]))
-    check_checkpointing(train.precision, train.activation_checkpointing)
-    for i, stage in enumerate(stages.stages):
-        if stage.checkpointing is not None:
-            where = f"stages[{i}] ({stage.name}).activation_checkpointing"
-            check_checkpointing(train.precision, stage.checkpointing, where)
-            if isinstance(shape.model, SpecModel) and stage.checkpointing != "none":
-                raise ConfigError(f"{where} = {stage.checkpointing!r}: a model spec's model ({shape.model.spec}) "
-                                  "runs without activation checkpointing; use 'none'")
-    if train.eval_seq_len is not None and train.eval_seq_len > shape.model.max_seq_len:
-        raise ConfigError(f"train.eval_seq_len = {train.eval_seq_len} exceeds model.max_seq_len = "
-                          f"{shape.model.max_seq_len}")
+    run = check_run(raw, shape, lock)
+    check_installed(run.tracking)  # this machine's: plan leaves it to the trainer, like the precision backend
     return RunConfig(raw=raw, path=str(path), overrides=tuple(overrides), shape=shape, lock=lock,
-                     lock_path=str(lock_path), stages=stages, train=train, parallel=parallel,
-                     checkpoint=checkpoint, metrics=metrics, data=data, transfer=transfer, tracking=tracking,
-                     lr_correction=fix)
-
-
-def main_batch(stages: StagePlan) -> int:
-    """The global batch the run spends most of its tokens at (what a batch law is evaluated at)."""
-    by_tokens: dict[int, int] = {}
-    for _, _, _, phase in stages.phases():
-        by_tokens[phase.global_batch] = by_tokens.get(phase.global_batch, 0) + phase.steps * phase.tokens_per_step
-    return max(by_tokens, key=by_tokens.get)
+                     lock_path=str(lock_path), stages=run.stages, train=run.train, parallel=run.parallel,
+                     checkpoint=run.checkpoint, metrics=run.metrics, data=run.data, transfer=run.transfer,
+                     residual=run.residual, tracking=run.tracking, hparams=run.hparams, lr_correction=run.lr_correction)

@@ -71,6 +71,16 @@ def mean_across(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def fsdp_mixed_precision(precision: str):
+    """FSDP2's policy: under bf16/FP8 gather bf16 parameters and reduce gradients in float32, as
+    torchtitan does (``mutransfer.memory.fsdp_gather_bytes`` counts the same); fp32 as is."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "fp32":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 def wrap(model: nn.Module, env: DistEnv, mode: str, precision: str = "fp32",
          blocks: list[nn.Module] = ()) -> nn.Module:
     """DDP, or FSDP2 per block (``blocks``: the model spec's) then root; the returned module is what
@@ -79,7 +89,7 @@ def wrap(model: nn.Module, env: DistEnv, mode: str, precision: str = "fp32",
     FSDP2 changes the module in place (same names, DTensor parameters) and works on a meta-device
     model too (shard first, allocate after); DDP wraps a materialised one, and the caller keeps the
     inner module for optimizers and checkpoints. Under bf16/FP8 FSDP2 gathers bf16 parameters and
-    reduces gradients in float32 (``MixedPrecisionPolicy``), as torchtitan does; master weights,
+    reduces gradients in float32 (``fsdp_mixed_precision``), as torchtitan does; master weights,
     gradients and optimizer states stay float32.
     """
     if not env.distributed:
@@ -91,11 +101,10 @@ def wrap(model: nn.Module, env: DistEnv, mode: str, precision: str = "fp32",
         return DistributedDataParallel(model, device_ids=ids)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if precision != "fp32" else MixedPrecisionPolicy()
+        mp = fsdp_mixed_precision(precision)
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -4,7 +4,7 @@
 update). On resume the rows from the checkpoint's step on are dropped before training continues,
 so the file of a resumed run is the file of an uninterrupted one. ``events.jsonl`` is append-only:
 every start, resume, switch, checkpoint and skipped (corrupt) checkpoint stays in it. Only rank 0
-writes. (config.json and env.json are written by the trainer with ``mutransfer.rundir``.)
+writes. (config.json and environment.json are written by the trainer with ``mutransfer.rundir``.)
 
 The trackers of ``[tracking]`` (mutransfer.tracking) get every number of every row (``lr/<group>``
 per optimizer group, ``mixture_rows/<source>``), every event of events.jsonl, and a ``stage``

@@ -32,9 +32,19 @@ from mutransfer.build import build, configure_model, materialize
 from mutransfer.config import ConfigError
 from mutransfer.optim import OptimizerSet, build_optimizers, switch_to_muon
 from mutransfer.plan import flops_per_token
-from mutransfer.rundir import environment, read_json, write_json
+from mutransfer.rundir import ENVIRONMENT_FILE, environment, read_json, write_json
 from mutransfer.specs import spec_of
 from mutransfer.step import Diverged, DivergenceGuard, evaluate, train_step
+
+
+def step_clock(device: torch.device) -> float:
+    """The clock a step is timed with (``step_time_s``, ``tokens_per_s``): on CUDA, read once the work
+    already queued is done, so a step is charged with its own work only -- not with an optimizer
+    switch or a recomputation change queued before it, nor is its own work left running past it.
+    Evaluation and checkpoints at a step's end are outside every step's time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint: str | Path | None = None,
@@ -92,6 +102,8 @@ class Trainer:
         self.val = [(xs, ys) for x, y in self.datasets[cfg.val_spec].eval_batches(
             "val", batch_size=cfg.train.eval_batch_size, seq_len=cfg.eval_seq_len, max_batches=cfg.train.eval_batches)
             for xs, ys in zip(x.split(rows), y.split(rows), strict=True)]
+        self.heldout_warning = self.datasets[cfg.val_spec].short_eval_warning(
+            cfg.train.eval_batches, cfg.train.eval_batch_size, cfg.eval_seq_len)
 
         torch.manual_seed(cfg.train.seed)
         self.spec = spec_of(cfg.shape.model)
@@ -142,12 +154,12 @@ class Trainer:
         return changed
 
     def _write_run_files(self) -> None:
-        """config.json and env.json, once every check has passed (a failed start writes nothing)."""
+        """config.json and environment.json, once every check has passed (a failed start writes nothing)."""
         barrier(self.env)
         if self.env.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / "config.json", self.cfg.to_json())
-            write_json(self.out / "env.json", environment(self.env.world_size, str(self.env.device)))
+            write_json(self.out / ENVIRONMENT_FILE, environment(self.env.world_size, str(self.env.device)))
         barrier(self.env)
 
     def _open_datasets(self) -> dict:
@@ -159,8 +171,8 @@ class Trainer:
         datasets = {}
         for turn in (True, False):
             if self.env.is_main == turn:
-                datasets = {spec: open_dataset(spec, tokenizer, cache_dir=self.cfg.data.cache_dir)
-                            for spec in specs}
+                datasets = {spec: open_dataset(spec, tokenizer, cache_dir=self.cfg.data.cache_dir,
+                                               vocab_size=self.cfg.shape.model.vocab_size) for spec in specs}
             barrier(self.env)
         return datasets
 
@@ -228,7 +240,15 @@ class Trainer:
                            branched=self.branched,
                            checkpoint=str(self.resumed_from) if self.resumed_from else None,
                            changed_inputs=self.changed_inputs or None,
-                           world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None)
+                           world_size=env.world_size, parallel=cfg.parallel.mode if env.distributed else None,
+                           recipe_choices=cfg.recipe_choices())
+        if env.is_main:
+            for note in self._lock_notes():
+                print(f"note: {note}", file=sys.stderr)
+        if self.heldout_warning:
+            self.metrics.event(start, "warning", message=self.heldout_warning)
+            if env.is_main:
+                print(self.heldout_warning, file=sys.stderr)
         bar = tqdm(total=plan.total_steps, initial=start, file=sys.stderr, dynamic_ncols=True,
                    disable=self.quiet or not env.is_main, mininterval=0.5)
         last = {}
@@ -250,6 +270,15 @@ class Trainer:
             write_json(summary_path, summary)
         return summary
 
+    def _lock_notes(self) -> list[str]:
+        """Where the config's residual multipliers replace other values of the lock (recorded, and said)."""
+        notes = []
+        for r in self.cfg.recipe_choices()["residual"].values():
+            if r["from"].startswith("residual.") and r["alpha"] != r["lock_alpha"]:
+                notes.append(f"{r['from']} = {r['alpha']} (the config) is used; the lock has {r['lock_alpha']} "
+                             f"(--set {r['from']}='lock' takes the lock's)")
+        return notes
+
     def _switch(self, step: int, stage) -> None:
         cfg = self.cfg
         switch, param = cfg.stages.switch, cfg.shape.param.parametrization
@@ -258,21 +287,22 @@ class Trainer:
                                    carry_momentum=switch.carry_momentum, restart=restart, fuse=fuse)
         self.state["switched_at"] = step
         self.metrics.event(step, "switch", to="muon", stage=stage.name, carry_momentum=switch.carry_momentum,
-                           restart=restart, muon_fuse=fuse,
+                           restart=restart, restart_from=switch.restart_source(param),
+                           muon_fuse=fuse, muon_fuse_from=switch.fuse_source(param),
                            muon_params=[n for g in self.opts.optimizers["muon"].param_groups for n in g["names"]])
 
     def _train_step(self, step: int, schedule) -> dict:
         cfg, env = self.cfg, self.env
         stage_index, stage = cfg.stages.stage_at(step)
         phase_index, phase = stage.phase_at(step)
-        policy = stage.checkpointing or cfg.train.activation_checkpointing
-        if self.checkpointing != policy:  # this stage's recomputation (plain attributes)
+        policy = stage.policy(phase, cfg.train.activation_checkpointing)
+        if self.checkpointing != policy:  # this phase's recomputation (plain attributes)
             self.inner.set_activation_checkpointing(policy)
             self.checkpointing = policy
         switched = stage.optimizer == "muon" and self.opts.kind == "adamw"
         if switched:
             self._switch(step, stage)
-        t0 = time.perf_counter()
+        t0 = step_clock(env.device)
         accum = phase.accumulation(env.world_size)
         mixture = self.mixtures[stage.name]
         micro = []
@@ -286,7 +316,7 @@ class Trainer:
                          lr_factor=lambda peak: schedule.factor(step, peak),
                          sync=lambda last: grad_sync(self.model, last), reduce=lambda v: mean_across(env, v),
                          loss_of=self.spec.loss)
-        seconds = time.perf_counter() - t0
+        seconds = step_clock(env.device) - t0
 
         self.state["tokens"] += phase.tokens_per_step
         tokens_per_s = phase.tokens_per_step / seconds

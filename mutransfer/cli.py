@@ -4,7 +4,8 @@ Core sub-commands (plan, data) live here; the outer packages (proxy_sweeps, full
 analysis) register theirs through the ``mutransfer.commands`` entry-point group, so the core
 never imports them. Building the parser imports no torch, pandas or matplotlib (each command loads
 what it needs when it runs), so ``--help``, ``plan``, ``schema`` and ``report`` start in a moment.
-Exit status: 0 success, 1 a check that failed, 2 bad input.
+Exit status: 0 success, 1 a check that failed, 2 bad input, 74 a full disk during a checkpoint save
+(``train``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from importlib.metadata import entry_points
 
 from mutransfer.config import ConfigError
 
+HP_FLAGS = ("lr", "init_std", "alpha_in", "alpha_out", "alpha_res", "weight_decay")  # plan's what-if flags
 
 def _register_plan(sub) -> None:
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU and per-group muP settings of a model",
@@ -32,7 +34,7 @@ def _register_plan(sub) -> None:
     p.add_argument("--hparams", help="a lock file (hparams.lock.json); default: the config's train.hparams")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel GPUs for the memory table (default 1)")
     p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 141GiB (default 80GiB)")
-    for name in ("lr", "init_std", "alpha_in", "alpha_out", "alpha_res", "weight_decay"):
+    for name in HP_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, help=f"base {name}")
     p.add_argument("--table", action="store_true", help="also print the whole muP rule table")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,29 +45,21 @@ def _register_plan(sub) -> None:
 def _run_plan(args) -> int:
     from pathlib import Path
 
-    from mutransfer.config import finite, hparams_from, parse, updated
+    from mutransfer.config import finite, hparams_from, load_toml, updated
     from mutransfer.parametrization import describe_table
-    from mutransfer.plan import (
-        format_memory,
-        format_plan,
-        make_plan,
-        memory_plan,
-        parse_bytes,
-        resolve_target,
-        shape_from_config,
-    )
+    from mutransfer.plan import format_plan, make_plan, parse_bytes, resolve_target, shape_from_config
     from mutransfer.presets import at_width
+    from mutransfer.run_config import is_staged
 
-    for name in ("lr", "init_std", "alpha_in", "alpha_out", "alpha_res", "weight_decay"):
+    for name in HP_FLAGS:
         if getattr(args, name) is not None:
             finite(getattr(args, name), f"--{name.replace('_', '-')}")
     gpu_memory = parse_bytes(args.gpu_memory)
+    if Path(args.target).is_file() and is_staged(load_toml(args.target)):
+        return _run_plan_staged(args, gpu_memory)
     shape, raw = resolve_target(args.target, args.overrides)
     base = hparams_from(raw.get("hparams", {}))
     lock_path = args.hparams
-    train_table = raw.get("train", {}) if isinstance(raw.get("train", {}), dict) else {}
-    if lock_path is None and train_table.get("hparams"):  # as `train` finds it: relative to the config file
-        lock_path = str(Path(args.target).parent / train_table["hparams"])
     lock = None
     if lock_path:
         from mutransfer.lockfile import check_lock_matches, read_lock
@@ -80,58 +74,84 @@ def _run_plan(args) -> int:
         shape = updated(shape, "plan", param=updated(shape.param, "--param", parametrization=args.param))
     if lock is not None:
         check_lock_matches(lock, shape)  # the check `train` does, with the same message
-    overrides = {k: getattr(args, k) for k in ("lr", "init_std", "alpha_in", "alpha_out", "alpha_res",
-                                               "weight_decay")}
-    hp = hparams_from(overrides, base)
-    seq_len = args.seq_len
-    if seq_len is None and raw.get("stages"):
-        first = raw["stages"][0] if isinstance(raw["stages"][0], dict) else {}
-        seq_len = first.get("seq_len") or (first.get("phases") or [{}])[0].get("seq_len")
-    plan = make_plan(shape, hp, optimizer=args.optimizer, seq_len=seq_len)
+    hp = hparams_from({k: getattr(args, k) for k in HP_FLAGS}, base)
+    plan = make_plan(shape, hp, optimizer=args.optimizer, seq_len=args.seq_len)
     plan["hparams_lock"] = lock_path
-    memory = None
-    if raw.get("stages") and lock is not None:
-        from mutransfer.laws import TransferCorrection, correction
-        from mutransfer.plan import transfer_table
-        from mutransfer.stages import parse_stages
+    plan["lock_warnings"] = [w.message for w in lock.warnings] if lock is not None else []
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    if not args.json:
+        print_lock_warnings(plan["lock_warnings"])
+    if args.table and not args.json:
+        print()
+        print(describe_table())
+    return 0
 
-        use = parse(TransferCorrection, raw.get("transfer", {}), "transfer")
-        stage_plan = parse_stages(raw, shape, hp)
-        batches = [p.global_batch for _, _, _, p in stage_plan.phases()]
-        fix = correction(lock.laws, lock.provenance, stage_plan.total_tokens, max(set(batches), key=batches.count),
-                         use)
-        applied = use.horizon == "fitted" or use.batch == "fitted"
-        plan["lr_transfer"] = {"correction": fix, "groups": transfer_table(lock, shape, fix["factor"] if applied
-                                                                            else _would_be(fix), applied)}
-        if applied:
-            hp = hparams_from({"lr": hp.lr * fix["factor"]}, hp)
-    if raw.get("stages"):
-        from mutransfer.stages import describe_stages
 
-        plan["schedule"] = describe_stages(raw, shape, hp)
-        memory = memory_plan(raw, shape, hp, args.world_size, gpu_memory)
-        plan.update(world_size=memory["world_size"], gpu_memory_bytes=gpu_memory, memory=memory,
-                    stages=memory["stages"])
+def _run_plan_staged(args, gpu_memory: int) -> int:
+    """A full-scale config: the checks `train` makes (``mutransfer.run_config.check_run``), then the
+    stage table, every group's LR per stage, the recipe's choices and the memory of every phase."""
+    from pathlib import Path
+
+    from mutransfer.choices import format_choices, recipe_choices
+    from mutransfer.config import hparams_from, updated
+    from mutransfer.lockfile import check_lock_matches, read_lock
+    from mutransfer.parametrization import describe_table
+    from mutransfer.plan import (
+        format_memory,
+        format_plan,
+        format_transfer_table,
+        make_plan,
+        memory_plan,
+        shape_from_config,
+        transfer_table,
+    )
+    from mutransfer.presets import at_width
+    from mutransfer.run_config import FullTrain, check_run, lock_path_of, read_config, section
+    from mutransfer.stages import describe_stages, format_stages
+
+    raw = read_config(args.target, args.overrides)
+    lock_path = lock_path_of(args.target, section(FullTrain, raw, "train"), args.hparams)
+    lock = read_lock(lock_path)
+    shape = shape_from_config(raw, Path(args.target).name, param_default=lock.param)
+    if args.width:
+        shape = updated(shape, "plan", model=at_width(shape.model, args.width))
+    if args.param:
+        shape = updated(shape, "plan", param=updated(shape.param, "--param", parametrization=args.param))
+    check_lock_matches(lock, shape)
+    run = check_run(raw, shape, lock, hparams_from({k: getattr(args, k) for k in HP_FLAGS}, lock.hparams))
+    first = run.stages.stages[0].phases[0].seq_len
+    plan = make_plan(shape, run.hparams, optimizer=args.optimizer, seq_len=args.seq_len or first)
+    plan["hparams_lock"] = lock_path
+    plan["lock_warnings"] = [w.message for w in lock.warnings]
+    fix = run.lr_correction
+    applied = run.transfer.horizon == "fitted" or run.transfer.batch == "fitted"
+    plan["lr_transfer"] = {"correction": fix, "groups": transfer_table(lock, shape, fix["factor"] if applied
+                                                                        else _would_be(fix), applied)}
+    plan["recipe_choices"] = recipe_choices(shape, run.stages, run.residual, lock.hparams, run.hparams)
+    plan["schedule"] = describe_stages(raw, shape, run.hparams)
+    memory = memory_plan(run, shape, args.world_size, gpu_memory)
+    plan.update(world_size=memory["world_size"], gpu_memory_bytes=gpu_memory, memory=memory,
+                stages=memory["stages"])
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
         print(format_plan(plan))
-        if "lr_transfer" in plan:
-            from mutransfer.plan import format_transfer_table
-
+        print_lock_warnings(plan["lock_warnings"])
+        print()
+        for block in (format_transfer_table(plan["lr_transfer"]["groups"], fix),
+                      format_stages(plan["schedule"]), format_choices(plan["recipe_choices"]), format_memory(memory)):
+            print(block)
             print()
-            print(format_transfer_table(plan["lr_transfer"]["groups"], plan["lr_transfer"]["correction"]))
-        if "schedule" in plan:
-            from mutransfer.stages import format_stages
-
-            print()
-            print(format_stages(plan["schedule"]))
-            print()
-            print(format_memory(memory))
         if args.table:
-            print()
             print(describe_table())
-    return 0 if memory is None or memory["fits"] else 1
+    return 0 if memory["fits"] else 1
+
+
+def print_lock_warnings(messages: list[str]) -> None:
+    """What freeze saw (a value at its search range's edge, a law that did not pass), shown wherever
+    the lock is used."""
+    for message in messages:
+        print(f"lock warning: {message}")
 
 
 def _would_be(fix: dict) -> float:

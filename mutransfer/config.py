@@ -203,6 +203,10 @@ def _list_index(items: list, part: str, where: str) -> int:
 # ---------------------------------------------------------------- the shape
 
 
+FP32_BYTES = 4
+INT64_MAX = 2**63 - 1  # torch counts a tensor's bytes in an int64
+
+
 class ModelConfig(Config):
     """Decoder-only transformer shape (RECIPE section 1). In a config file ``[model]`` also takes
     ``preset`` (tiny, proxy-20m, xmodel25-1.3b; the other keys override its fields), ``width`` (the
@@ -232,11 +236,24 @@ class ModelConfig(Config):
             raise ValueError(f"n_heads = {self.n_heads} is not a multiple of n_kv_heads = {self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = {self.head_dim} must be even for RoPE")
+        if FP32_BYTES * self.num_params > INT64_MAX:  # torch: "Storage size calculation overflowed"
+            raise ValueError(f"d_model = {self.d_model}, n_layers = {self.n_layers} (ffn_dim = {self.ffn_dim}, "
+                             f"vocab_size = {self.vocab_size}) make {self.num_params:.3g} parameters, "
+                             f"{FP32_BYTES * self.num_params:.3g} bytes in fp32: more than an int64 counts, so no "
+                             "such model can be built; choose a smaller width or depth")
         return self
 
     @property
     def gqa_ratio(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the built-in Transformer of this shape (exact: tied embedding, bias-free
+        projections, two RMSNorms per block and a final one); Python integers never overflow."""
+        d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        block = 2 * d * q + 2 * d * kv + 3 * d * self.ffn_dim + 2 * d
+        return self.vocab_size * d + self.n_layers * block + d
 
 
 SpecArg = int | float | bool | str | list[int | float | bool | str]

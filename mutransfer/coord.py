@@ -16,7 +16,10 @@ sqrt(mean x^2), both computed in float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -225,14 +228,16 @@ def record_updates(model: nn.Module, recorder: Recorder, before: dict[str, torch
 
 def record_training(model: nn.Module, optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     base: dict, precision: str = "fp32", grad_clip: float = 0.0,
-                    device_type: str = "cpu", update_tokens: int = 0, *, spec: ModelSpec) -> list[dict]:
+                    device_type: str = "cpu", update_tokens: int = 0, *, spec: ModelSpec,
+                    on_step: Callable[[int, float], None] | None = None) -> list[dict]:
     """Train ``model`` one step per batch with the shared step, recording every step (0 = at init).
 
     ``optimizer`` is an OptimizerSet (or anything with ``zero_grad()`` and ``step()``). The
     recorder's hooks observe the step's forward and keep the linear layers' inputs (and, where
     exact, outputs); weights whose output was not kept are copied between the gradient and the
     update (the step's ``before_optimizer_step`` hook) to measure the update's effect, on
-    ``update_tokens`` evenly spaced tokens of the batch (0: all of them).
+    ``update_tokens`` evenly spaced tokens of the batch (0: all of them). ``on_step(step, loss)`` is
+    called after every step (progress within a run).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -260,6 +265,8 @@ def record_training(model: nn.Module, optimizer, batches: Iterable[tuple[torch.T
                             "statistic": "loss", "value": out.loss})
         records.extend(rec.records)
         rec.clear()
+        if on_step is not None:
+            on_step(step, out.loss)
     return records
 
 
@@ -269,7 +276,68 @@ def fixed_batches(cfg: CoordConfig, dataset) -> list[tuple[torch.Tensor, torch.T
             for step in range(cfg.steps)]
 
 
+PROGRESS_INTERVAL_S = 10.0  # the longest a coordinate check stays silent (between steps)
+
+
+class InRunProgress:
+    """Progress lines of a coordinate check: one per finished run (``line``), and, while a run trains,
+    one with its steps done whenever ``interval`` seconds of ``clock`` passed without a line
+    (``tick``, checked after every step). As a context manager a thread ticks too, so even a single
+    step longer than the interval (a wide model) does not leave the command silent."""
+
+    def __init__(self, emit: Callable[[str], None], steps: int, interval: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.emit, self.steps, self.interval, self.clock = emit, steps, interval, clock
+        self.last = clock()
+        self.run: str | None = None
+        self.run_start = self.last
+        self.steps_done = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start_run(self, label: str) -> None:
+        with self._lock:
+            self.run, self.run_start, self.steps_done = label, self.clock(), 0
+
+    def step(self, step: int, loss: float) -> None:
+        with self._lock:
+            self.steps_done = step + 1
+        self.tick()
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self.run = None
+            self._emit(text)
+
+    def tick(self) -> None:
+        """A line on the running run, if the last line is ``interval`` or more old."""
+        with self._lock:
+            now = self.clock()
+            if self.run is not None and now - self.last >= self.interval:
+                self._emit(f"{self.run}: {self.steps_done}/{self.steps} steps, {now - self.run_start:.0f}s in")
+
+    def _emit(self, text: str) -> None:
+        self.emit(text)
+        self.last = self.clock()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(max(0.05, self.interval - (self.clock() - self.last))):
+            self.tick()
+
+    def __enter__(self) -> InRunProgress:
+        self._thread = threading.Thread(target=self._loop, name="coord-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
 def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], None] | None = None,
+                    progress_interval: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
                     on_run: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
     """Train the preset at every width and seed for ``cfg.steps`` steps; all records, in order.
     ``on_run(base, rows)``: called after each (width, seed) run with its columns and its records."""
@@ -289,37 +357,47 @@ def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], No
     return spec_records(spec_of(shapes[0].model), points, shapes[0].param, cfg.hparams(), batches,
                         optimizer=cfg.optimizer, precision=cfg.precision, seeds=cfg.seeds, device=cfg.device,
                         grad_clip=cfg.grad_clip, update_tokens=cfg.update_tokens, axis=cfg.axis, progress=progress,
-                        on_run=on_run)
+                        progress_interval=progress_interval, clock=clock, on_run=on_run)
 
 
 def spec_records(spec: ModelSpec, points: list[tuple[int, int]], param, hp, batches, *, optimizer: str = "adamw",
                  precision: str = "fp32", seeds: int = 3, device: str = "cpu", grad_clip: float = 0.0,
                  update_tokens: int = 64, axis: str = "width",
-                 progress: Callable[[str], None] | None = None,
+                 progress: Callable[[str], None] | None = None, progress_interval: float = PROGRESS_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic,
                  on_run: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
     """Train ``spec``'s model at every (width, depth) point and seed on ``batches`` (one step each,
-    already on ``device``), recording every step; all records, in order."""
+    already on ``device``), recording every step; all records, in order.
+
+    ``progress`` gets a line per finished run and, inside a run, one with the steps done whenever
+    ``progress_interval`` seconds (of ``clock``) passed without a line: a wide model is never silent
+    for long."""
     from mutransfer.build import build
     from mutransfer.optim import build_optimizers
     from mutransfer.precision import prepare_model
 
     records: list[dict] = []
     runs, done = len(points) * seeds, 0
-    for width, depth in points:
-        shape = spec.shape(width, depth)
-        for seed in range(seeds):
-            model = prepare_model(build(spec, width, depth, param, hp, device=device, seed=seed), precision)
-            opt = build_optimizers(model, spec, shape, param, hp, optimizer)
-            base = {"param": param.parametrization, "optimizer": optimizer, "precision": precision,
-                    "axis": axis, "width": width, "depth": depth, "seed": seed}
-            rows = record_training(model, opt, batches, base, precision, grad_clip, torch.device(device).type,
-                                   update_tokens, spec=spec)
-            records.extend(rows)
-            if on_run is not None:
-                on_run(base, rows)
-            done += 1
-            if progress is not None:
-                losses = [r["value"] for r in rows if r["kind"] == "loss"]
-                progress(f"{done}/{runs} runs: {param.parametrization} {optimizer} {precision} width {width} "
-                         f"depth {depth} seed {seed + 1}/{seeds}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    ticker = None if progress is None else InRunProgress(progress, len(batches), progress_interval, clock)
+    with ticker or contextlib.nullcontext():
+        for width, depth in points:
+            shape = spec.shape(width, depth)
+            for seed in range(seeds):
+                run = (f"{param.parametrization} {optimizer} {precision} width {width} depth {depth} "
+                       f"seed {seed + 1}/{seeds}")
+                if ticker is not None:
+                    ticker.start_run(f"{done}/{runs} runs; run {done + 1} ({run})")
+                model = prepare_model(build(spec, width, depth, param, hp, device=device, seed=seed), precision)
+                opt = build_optimizers(model, spec, shape, param, hp, optimizer)
+                base = {"param": param.parametrization, "optimizer": optimizer, "precision": precision,
+                        "axis": axis, "width": width, "depth": depth, "seed": seed}
+                rows = record_training(model, opt, batches, base, precision, grad_clip, torch.device(device).type,
+                                       update_tokens, spec=spec, on_step=None if ticker is None else ticker.step)
+                records.extend(rows)
+                if on_run is not None:
+                    on_run(base, rows)
+                done += 1
+                if ticker is not None:
+                    losses = [r["value"] for r in rows if r["kind"] == "loss"]
+                    ticker.line(f"{done}/{runs} runs: {run}: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return records

@@ -24,11 +24,24 @@ product: an approximation, stated in the provenance.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from mutransfer.config import Config, ConfigError, HParams, updated
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from mutransfer.config import (
+    Config,
+    ConfigError,
+    HParams,
+    PosFloat,
+    PosInt,
+    ProxyTrain,
+    parse,
+    updated,
+)
 
 LAW_KINDS = ("horizon", "batch")
+OUTCOMES = ("pass", "fail", "inconclusive")  # a transfer check's verdict
+Interval = Annotated[list[float], Field(min_length=2, max_length=2)]  # [low, high]
 
 
 class TransferCorrection(Config):
@@ -36,6 +49,51 @@ class TransferCorrection(Config):
 
     horizon: Literal["fitted", "off"] = "off"  # LR x (D_target / D_proxy)^-beta from the lock's horizon law
     batch: Literal["fitted", "off"] = "off"  # LR x (B_target / B_proxy)^-beta from the lock's batch law
+
+
+class Law(Config):
+    """One fitted law as the lock carries it: ``log2 LR* = a - beta log2 x``, x counted in ``unit``."""
+
+    kind: Literal["horizon", "batch"]
+    unit: Literal["tokens", "sequences"]  # horizon: tokens of the run; batch: sequences per step
+    beta: float
+    beta_ci: Interval | None = None
+    a: float
+    fitted_on: list[PosFloat] = Field(default_factory=list)  # axis values the law was fitted on
+    held_out: list[PosFloat] = Field(default_factory=list)  # the value it predicted
+    held_out_error_octaves: float | None = None
+    held_out_error_ci: Interval | None = None
+    outcome: Literal["pass", "fail", "inconclusive"]  # the transfer check's verdict on the prediction
+    axis_values: list[PosFloat] = Field(default_factory=list)
+    axis_unit: Literal["steps", "sequences per step"]
+    tokens_per_step: PosInt | None = None  # horizon: the check's tokens per step (its steps -> tokens)
+    source: str  # the transfer-check directory
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _units(self) -> Law:
+        unit, axis_unit = {"horizon": ("tokens", "steps"), "batch": ("sequences", "sequences per step")}[self.kind]
+        if (self.unit, self.axis_unit) != (unit, axis_unit):
+            raise ValueError(f"a {self.kind} law has unit = {unit!r} and axis_unit = {axis_unit!r} "
+                             f"(got {self.unit!r}, {self.axis_unit!r})")
+        return self
+
+
+class Laws(Config):
+    """``laws`` of a lock: at most one law of each kind, under its own kind."""
+
+    horizon: Law | None = None
+    batch: Law | None = None
+
+    @field_validator("horizon", "batch")
+    @classmethod
+    def _kind(cls, law: Law | None, info: ValidationInfo) -> Law | None:
+        if law is not None and law.kind != info.field_name:
+            raise ValueError(f"a {law.kind} law (kind = {law.kind!r}) under {info.field_name!r}")
+        return law
+
+    def items(self) -> list[tuple[str, Law]]:
+        return [(kind, getattr(self, kind)) for kind in LAW_KINDS if getattr(self, kind) is not None]
 
 
 def law_from_verdict(verdict: dict, config: dict, source: str) -> dict:
@@ -59,16 +117,20 @@ def law_from_verdict(verdict: dict, config: dict, source: str) -> dict:
         kind, unit, shift = "batch", "sequences", 0.0
     beta_hat = float(beta["estimate"])
     residual = fit.get("residual") or {}
-    return {
+
+    def interval(ci):
+        return None if ci is None else [float(x) for x in ci]
+
+    entry = {
         "kind": kind,
         "unit": unit,
         "beta": beta_hat,
-        "beta_ci": beta.get("ci"),
+        "beta_ci": interval(beta.get("ci")),
         "a": float(a["estimate"]) + beta_hat * shift,  # log2 LR* = a - beta log2(x in `unit`)
         "fitted_on": verdict.get("values", [])[:-1],
         "held_out": verdict.get("values", [])[-1:],
         "held_out_error_octaves": residual.get("estimate"),
-        "held_out_error_ci": residual.get("ci"),
+        "held_out_error_ci": interval(residual.get("ci")),
         "outcome": verdict.get("outcome"),
         "axis_values": verdict.get("values"),
         "axis_unit": "steps" if axis == "steps" else "sequences per step",
@@ -76,28 +138,27 @@ def law_from_verdict(verdict: dict, config: dict, source: str) -> dict:
         "source": source,
         "note": ("fitted separately from the other law; combined as a product (an approximation)"),
     }
+    return parse(Law, entry, f"--law {source}: law").model_dump()  # what read_lock will accept, checked now
 
 
-def proxy_horizon_and_batch(provenance: dict) -> tuple[float | None, float | None]:
+def proxy_horizon_and_batch(proxy_train: ProxyTrain | None) -> tuple[float | None, float | None]:
     """(tokens, global batch in sequences) of the proxy run the lock's values were tuned with."""
-    train = provenance.get("proxy_train") or {}
-    if not train:
+    if proxy_train is None:
         return None, None
-    tokens = train.get("steps", 0) * train.get("batch_size", 0) * train.get("seq_len", 0)
-    return (float(tokens) or None), (float(train.get("batch_size")) if train.get("batch_size") else None)
+    return float(proxy_train.steps * proxy_train.tokens_per_step), float(proxy_train.batch_size)
 
 
-def correction(laws: dict, provenance: dict, target_tokens: float, target_batch: float,
+def correction(laws: Laws, proxy_train: ProxyTrain | None, target_tokens: float, target_batch: float,
                use: TransferCorrection) -> dict:
     """The factor on the base LR (and how it was reached) for the target's tokens and batch."""
-    proxy_tokens, proxy_batch = proxy_horizon_and_batch(provenance)
+    proxy_tokens, proxy_batch = proxy_horizon_and_batch(proxy_train)
     out = {"factor": 1.0, "terms": {}}
     for kind, wanted, target, proxy in (("horizon", use.horizon, target_tokens, proxy_tokens),
                                         ("batch", use.batch, target_batch, proxy_batch)):
-        law = laws.get(kind)
+        law = getattr(laws, kind)
         if wanted == "off":
             if law:
-                out["terms"][kind] = {"applied": False, "would_be": 2.0 ** (-law["beta"] * math.log2(target / proxy))
+                out["terms"][kind] = {"applied": False, "would_be": 2.0 ** (-law.beta * math.log2(target / proxy))
                                       if proxy else None}
             continue
         if not law:
@@ -106,9 +167,9 @@ def correction(laws: dict, provenance: dict, target_tokens: float, target_batch:
         if not proxy:
             raise ConfigError(f"transfer.{kind} = 'fitted': the lock's provenance does not record the proxy's "
                               "budget (proxy_train), so the law has nothing to scale from")
-        factor = 2.0 ** (-law["beta"] * math.log2(target / proxy))
-        out["terms"][kind] = {"applied": True, "factor": factor, "beta": law["beta"], "target": target,
-                              "proxy": proxy, "unit": law["unit"]}
+        factor = 2.0 ** (-law.beta * math.log2(target / proxy))
+        out["terms"][kind] = {"applied": True, "factor": factor, "beta": law.beta, "target": target,
+                              "proxy": proxy, "unit": law.unit}
         out["factor"] *= factor
     return out
 

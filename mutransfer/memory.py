@@ -20,6 +20,13 @@ measurement of the saved tensors in ``tests/test_memory_model.py``):
   column-wise, so the inputs that bf16 shares (wq/wk/wv, w1/w3, and wo's with the attention
   output) cost 6 d + 2 q more bytes per token and layer (``te_extra_bytes``). TE supports "none"
   and "full" (its own checkpoint), not "selective".
+- RoPE: eager, each of q and k is rotated by one complex multiply with a complex64 (seq x
+  head_dim/2) table made from cos and sin, which autograd keeps: two tables per layer under "none",
+  8 seq head_dim bytes, per sequence position and not per token (the batch broadcasts over them):
+  0.375 GiB over 48 layers at 16,384 positions. Recomputed under "full" and "selective".
+- Under bf16 autocast with float32 weights (one process, DDP) each GEMM saves its weight's bf16
+  copy (``saved_constant_bytes``); FSDP2 gathers bf16 weights (the trainer's MixedPrecisionPolicy),
+  which autocast does not copy.
 
 Per layer and token (d, q = heads x head_dim, kv = KV heads x head_dim, f = FFN width, H heads,
 a = activation bytes, r = 4 for the float32 residual stream):
@@ -48,7 +55,8 @@ from dataclasses import dataclass
 from mutransfer.config import ModelConfig
 
 GIB = 2**30
-GPU_80GB = 80 * 10**9  # the label's 80 GB; the CUDA context and the rest are in the reserve
+# plan's default --gpu-memory (an "80 GB" H100 reports 79.6 GiB); the CUDA context etc. are in the reserve
+GPU_80GIB = 80 * GIB
 # Not tensors, but on the GPU: CUDA context and cuBLAS/cuDNN workspaces (~1 GiB), NCCL
 # communicators and buffers (~1-2 GiB at 48 ranks); and the caching allocator's fragmentation,
 # a fraction of what it holds (varying sequence lengths make it worse; expandable_segments better).
@@ -63,6 +71,7 @@ RESIDUAL_BYTES = 4  # the residual stream is float32 in every precision
 FP32 = 4
 INDEX_BYTES = 8  # int64 token ids and targets
 FSDP_BLOCKS_IN_FLIGHT = 2  # the block being computed and the one prefetched (or reduce-scattered)
+COMPLEX64 = 8
 
 
 def _choice(name: str, value: str, allowed) -> str:
@@ -118,6 +127,29 @@ def activation_bytes_per_token_per_layer(m: ModelConfig, policy: str, precision:
     return norms + 2 * a * d + a * (q + 2 * kv) + a * q + FP32 * heads + 4 * a * f + te_extra_bytes(m, precision)
 
 
+def rope_saved_bytes_per_layer(m: ModelConfig, seq_len: int, policy: str) -> int:
+    """The complex64 (seq x head_dim/2) RoPE tables autograd keeps per layer, one for q and one for
+    k (``mutransfer.model.apply_rope``): per sequence position, shared by the micro-batch's rows;
+    only under "none" (a checkpointed block recomputes them)."""
+    _choice("policy", policy, POLICIES)
+    return 2 * seq_len * (m.head_dim // 2) * COMPLEX64 if policy == "none" else 0
+
+
+def autocast_weight_copy_bytes_per_layer(m: ModelConfig, policy: str, precision: str, parallel: str) -> int:
+    """bf16 autocast saves a bf16 copy of each float32 GEMM weight (measured on CPU): one process
+    and DDP keep float32 weights; FSDP2 gathers them in bf16 already. Only under "none"."""
+    if policy != "none" or precision != "bf16" or parallel == "fsdp":
+        return 0
+    return activation_bytes(precision) * sum(a * b for a, b in hidden_matrix_shapes(m))
+
+
+def saved_constant_bytes(m: ModelConfig, seq_len: int, policy: str, precision: str, parallel: str) -> int:
+    """What the blocks save for backward that does not grow with the micro-batch: the RoPE tables
+    and autocast's weight copies, all layers."""
+    return m.n_layers * (rope_saved_bytes_per_layer(m, seq_len, policy)
+                         + autocast_weight_copy_bytes_per_layer(m, policy, precision, parallel))
+
+
 def te_extra_bytes(m: ModelConfig, precision: str) -> int:
     """Transformer Engine's FP8 Linear keeps its own FP8 copy of its input, row- and column-wise
     (2 bytes a number), per module: wq, wk and wv each keep one of the normed input (and w1, w3
@@ -158,7 +190,7 @@ def non_layer_bytes_per_token(m: ModelConfig, *, fused_norm: bool = True) -> int
     """Saved outside the blocks, per token: the embedding's token ids, the final norm (input and
     rstd), its output (the loss chunks' checkpointed input) and the targets. No logits: only the
     last loss chunk keeps its log-softmax for backward, counted in ``loss_transient_bytes``.
-    (RoPE's cos/sin: per position, not per token, and small.)"""
+    (RoPE's tables are per position, not per token: ``rope_saved_bytes_per_layer``.)"""
     d = m.d_model
     final_norm = RESIDUAL_BYTES * d + FP32 + (0 if fused_norm else FP32 * d)
     return INDEX_BYTES + final_norm + RESIDUAL_BYTES * d + INDEX_BYTES
@@ -202,14 +234,23 @@ def eval_transient_bytes(m: ModelConfig, tokens: int, loss_chunk_tokens: int, pr
 # ---------------------------------------------------------------------- parameters and states
 
 
-def _resident(m: ModelConfig, world_size: int, parallel: str, optimizer: str) -> tuple[int, int, int, int]:
+def fsdp_gather_bytes(precision: str) -> int:
+    """Bytes of a number FSDP2 all-gathers: the trainer's MixedPrecisionPolicy gathers bf16 under
+    every autocast precision and float32 under fp32 (``full_scale.distributed.fsdp_mixed_precision``)."""
+    return FP32 if _choice("precision", precision, ACTIVATION_BYTES) == "fp32" else 2
+
+
+def _resident(m: ModelConfig, world_size: int, parallel: str, optimizer: str,
+              precision: str = "bf16") -> tuple[int, int, int, int]:
     """(params, grads, optimizer states, optimizer step transient) in bytes on one GPU.
 
-    Master weights, gradients and optimizer states are float32 (the trainers' FSDP2 has no
-    MixedPrecisionPolicy, so gathers and reductions are float32 too). "fsdp": sharded over
-    ``world_size``; the root's tied embedding and final norm stay unsharded through forward and
-    backward (FSDP2 does not reshard the root after forward), its gradient full-size until the
-    end of backward; two blocks' parameters and gradients in flight. "ddp": replicated, plus
+    Master weights, sharded gradients and optimizer states are float32. "fsdp": sharded over
+    ``world_size``; FSDP2 gathers in the MixedPrecisionPolicy's dtype (g = ``fsdp_gather_bytes``:
+    bf16 under autocast) and reduce-scatters in float32. The root's tied embedding and final norm
+    stay gathered through forward and backward (FSDP2 does not reshard the root after forward),
+    their unsharded gradient (g bytes) until the end of backward; two blocks' parameters in flight
+    (the one computed and the one prefetched), and two blocks' gradients: the one computed (g
+    bytes) and the one reduce-scattered (its float32 reduce-scatter input). "ddp": replicated, plus
     DDP's gradient buckets (a second copy of the gradients). "none": one process.
     AdamW: two states per parameter, and one float32 temporary per parameter in its step.
     Muon: one momentum for the hidden matrices (AdamW for embedding and norm gains) and a
@@ -221,10 +262,10 @@ def _resident(m: ModelConfig, world_size: int, parallel: str, optimizer: str) ->
     local_hidden = hidden / world_size if parallel == "fsdp" else hidden
     params = grads = FP32 * local
     if parallel == "fsdp":
-        root = FP32 * (counts["embedding"] + m.d_model)
-        in_flight = FSDP_BLOCKS_IN_FLIGHT * FP32 * block_params(m)
-        params += root + in_flight
-        grads += root + in_flight
+        g = fsdp_gather_bytes(precision)
+        root = g * (counts["embedding"] + m.d_model)
+        params += root + FSDP_BLOCKS_IN_FLIGHT * g * block_params(m)
+        grads += root + (g + FP32) * block_params(m)
     elif parallel == "ddp":
         grads += FP32 * local
     if optimizer == "adamw":
@@ -263,7 +304,7 @@ class MemoryEstimate:
     eval_transient: int
     eval_peak: int
 
-    def fits(self, capacity: int = GPU_80GB, margin: float = 0.0) -> bool:
+    def fits(self, capacity: int = GPU_80GIB, margin: float = 0.0) -> bool:
         """Both peaks at most ``(1 - margin) * capacity``."""
         return max(self.peak, self.eval_peak) <= (1.0 - margin) * capacity
 
@@ -293,11 +334,14 @@ def estimate(m: ModelConfig, *, seq_len: int, micro_batch: int, world_size: int 
         if value < 1:
             raise ValueError(f"{name} = {value} must be >= 1")
     tokens = seq_len * micro_batch
-    params, grads, states, step = _resident(m, world_size, parallel, optimizer)
+    params, grads, states, step = _resident(m, world_size, parallel, optimizer, precision)
     per_layer = activation_bytes_per_token_per_layer(m, checkpointing, precision, fused_norm=fused_norm)
-    activations = tokens * (m.n_layers * per_layer + non_layer_bytes_per_token(m, fused_norm=fused_norm))
+    activations = tokens * (m.n_layers * per_layer + non_layer_bytes_per_token(m, fused_norm=fused_norm)) \
+        + saved_constant_bytes(m, seq_len, checkpointing, precision, parallel)
     loss = loss_transient_bytes(m, tokens, loss_chunk_tokens, precision)
     recompute = tokens * recompute_bytes_per_token(m, checkpointing, precision, fused_norm=fused_norm)
+    if checkpointing != "none":  # the recomputed block's RoPE tables, live until its backward ends
+        recompute += rope_saved_bytes_per_layer(m, seq_len, "none")
     backward = tokens * backward_transient_bytes_per_token(m, precision)
     tensors = params + grads + states + max(activations + max(loss, recompute + backward), step)
     reserve = _reserve(tensors)

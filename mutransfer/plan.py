@@ -181,8 +181,8 @@ def format_plan(plan: dict) -> str:
         f"parameters: total {_human(plan['params_total'])}  non-embedding {_human(plan['params_non_embedding'])}"
         f"  embedding {_human(plan['params_embedding'])}",
         f"FLOPs/token (seq {plan['seq_len']}): {_human(plan['flops_per_token'])}",
-        "memory (fp32 weights + grads + {} states): {}B".format(plan["optimizer"],
-                                                               _human(plan["memory_bytes"]["total"])),
+        "memory (fp32 weights + grads + {} states): {:.2f} GiB".format(plan["optimizer"],
+                                                                     plan["memory_bytes"]["total"] / 2**30),
         "",
         f"{'role':<11} {'optim':<6} {'tensors':>7} {'params':>9} {'lr':>11} {'init_std':>11} "
         f"{'wd':>9} {'eps':>9}",
@@ -213,15 +213,6 @@ def parse_bytes(text: str, where: str = "--gpu-memory") -> int:
     return size
 
 
-def run_settings(raw: dict):
-    """The ``[train]`` settings of a config that decide memory (precision, checkpointing, loss chunk,
-    evaluation batch); keys of other tables' own ``[train]`` extensions (e.g. the lock path) ignored."""
-    from mutransfer.config import TrainSettings, parse
-
-    table = raw.get("train", {}) if isinstance(raw.get("train", {}), dict) else {}
-    return parse(TrainSettings, {k: v for k, v in table.items() if k in TrainSettings.model_fields}, "train")
-
-
 # What a phase may use of the GPU: the memory model matches autograd's saved tensors exactly on CPU
 # (tests/test_memory_model.py), but its GPU-side transients (attention kernels' workspaces, NCCL
 # buffers at scale, the caching allocator's fragmentation when the sequence length changes between
@@ -229,37 +220,58 @@ def run_settings(raw: dict):
 MEMORY_MARGIN = 0.15
 
 
-def memory_plan(raw: dict, shape: RunShape, hp: HParams, world_size: int, gpu_memory: int,
-                margin: float = MEMORY_MARGIN) -> dict:
-    """Peak memory of every stage's phases on one GPU of ``world_size`` (``mutransfer.memory``).
+def memory_plan(run, shape: RunShape, world_size: int, gpu_memory: int, margin: float = MEMORY_MARGIN) -> dict:
+    """Peak memory of every stage's phases on one GPU of ``world_size`` (``mutransfer.memory``), for a
+    checked staged config (``mutransfer.run_config.check_run``).
 
     A phase fits when its peak (training and evaluation) is at most ``(1 - margin)`` of the GPU.
+    Each phase also gets the lightest activation checkpointing that fits (none, then selective where
+    the precision allows it, then full), so a phase that recomputes more than it needs is named.
     """
     from mutransfer.memory import estimate
-    from mutransfer.stages import parse_stages, phase_where
+    from mutransfer.precision import check_checkpointing
+    from mutransfer.stages import phase_where
 
-    if not isinstance(world_size, int) or world_size < 1:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ConfigError(f"--world-size = {world_size!r} must be a positive integer")
-    plan = parse_stages(raw, shape, hp)
+    plan, train = run.stages, run.train
     plan.validate_parallel(world_size)  # names the stage whose global batch does not divide
-    train = run_settings(raw)
-    mode = raw.get("parallel", {}).get("mode", "fsdp") if world_size > 1 else "none"
+    mode = run.parallel.mode if world_size > 1 else "none"
     eval_seq = train.eval_seq_len or plan.stages[0].phases[0].seq_len
     eval_rows = min(train.eval_micro_batch or train.eval_batch_size, train.eval_batch_size)
+    limit = (1 - margin) * gpu_memory
+    allowed = []
+    for policy in ("none", "selective", "full"):  # lightest recomputation first
+        try:
+            check_checkpointing(train.precision, policy)
+            allowed.append(policy)
+        except ConfigError:
+            pass
+
+    def phase_estimate(stage, phase, policy):
+        return estimate(shape.model, seq_len=phase.seq_len, micro_batch=phase.micro_batch, world_size=world_size,
+                        parallel=mode, optimizer=stage.optimizer, precision=train.precision,
+                        checkpointing=policy, loss_chunk_tokens=train.loss_chunk_tokens,
+                        eval_tokens=eval_rows * eval_seq)
+
     entries = []
     for i, stage, j, phase in plan.phases():
-        policy = stage.checkpointing or train.activation_checkpointing
-        est = estimate(shape.model, seq_len=phase.seq_len, micro_batch=phase.micro_batch, world_size=world_size,
-                       parallel=mode, optimizer=stage.optimizer, precision=train.precision,
-                       checkpointing=policy, loss_chunk_tokens=train.loss_chunk_tokens,
-                       eval_tokens=eval_rows * eval_seq)
+        policy = stage.policy(phase, train.activation_checkpointing)
+        est = phase_estimate(stage, phase, policy)
         peak = max(est.peak, est.eval_peak)
-        limit = (1 - margin) * gpu_memory
-        entries.append({"name": stage.name, "phase": j, "where": phase_where(i, stage, j), "seq_len": phase.seq_len,
+        lightest, lightest_peak = None, None
+        for candidate in allowed:
+            other = est if candidate == policy else phase_estimate(stage, phase, candidate)
+            if max(other.peak, other.eval_peak) <= limit:
+                lightest, lightest_peak = candidate, max(other.peak, other.eval_peak)
+                break
+        entries.append({"name": stage.name, "phase": j, "phases": len(stage.phases),
+                        "where": phase_where(i, stage, j), "seq_len": phase.seq_len,
                         "micro_batch": phase.micro_batch, "optimizer": stage.optimizer, "checkpointing": policy,
                         "accumulation": phase.accumulation(world_size), "peak_bytes": peak,
                         "train_peak_bytes": est.peak, "eval_peak_bytes": est.eval_peak,
                         "fits": peak <= limit, "margin_bytes": int(gpu_memory - peak),
+                        "lightest_fitting": lightest, "lightest_fitting_peak_bytes": lightest_peak,
                         "breakdown_bytes": {k: v for k, v in est.__dict__.items() if k not in ("peak", "eval_peak")}})
     return {"world_size": world_size, "gpu_memory_bytes": gpu_memory, "margin_fraction": margin,
             "parallel": mode, "precision": train.precision,
@@ -281,13 +293,26 @@ def format_memory(mem: dict) -> str:
         verdict = (f"fits ({e['margin_bytes'] / gib:.1f} GiB to spare)" if e["fits"] else
                    f"DOES NOT FIT ({-e['margin_bytes'] / gib:.1f} GiB over)" if e["margin_bytes"] < 0 else
                    f"DOES NOT FIT (only {e['margin_bytes'] / gib:.1f} GiB to spare, below the margin)")
-        name = e["name"] + (f"[{e['phase']}]" if e["phase"] or e["name"] == "long_context" else "")
+        name = e["name"] + (f"[{e['phase']}]" if e["phases"] > 1 else "")
         lines.append(f"{name:<18} {e['seq_len']:>7} x {e['micro_batch']:<3} {e['optimizer']:<6} "
                      f"{e['checkpointing']:<10} {b['params'] / gib:>7.2f} {b['grads'] / gib:>6.2f} "
                      f"{b['optimizer_states'] / gib:>6.2f} {b['activations'] / gib:>7.2f} {transient / gib:>9.2f} "
                      f"{b['eval_transient'] / gib:>6.2f} {e['peak_bytes'] / gib:>9.2f}  {verdict}")
     failing = ", ".join(e["where"] for e in mem["stages"] if not e["fits"])
     lines.append("verdict: " + ("every stage fits" if mem["fits"] else f"NOT every stage fits: {failing}"))
+    order = ("none", "selective", "full")
+    for e in mem["stages"]:
+        best, policy = e["lightest_fitting"], e["checkpointing"]
+        name = e["name"] + (f"[{e['phase']}]" if e["phases"] > 1 else "")
+        setting = f"{e['where']}.activation_checkpointing = {best!r}"
+        if best is None or best == policy:
+            continue
+        if e["fits"] and order.index(best) < order.index(policy):
+            lines.append(f"recomputation: {name} recomputes ({policy!r}) where {best!r} fits "
+                         f"(peak {e['lightest_fitting_peak_bytes'] / gib:.2f} GiB): {setting}")
+        elif not e["fits"]:
+            lines.append(f"recomputation: {name} does not fit with {policy!r}; {best!r} fits "
+                         f"(peak {e['lightest_fitting_peak_bytes'] / gib:.2f} GiB): {setting}")
     return "\n".join(lines)
 
 

@@ -8,8 +8,11 @@ uses these, so the files mean the same thing everywhere:
 - ``append_jsonl`` / ``read_jsonl``: one JSON object per line, appended under an exclusive lock
   (several processes may append); a reader skips only a torn *last* line (a writer killed
   mid-line) and reports anything else as corruption.
-- ``environment()``: one provenance schema -- time, host, versions, devices, git commit, argv.
+- ``environment()``: one provenance schema -- time, host, versions, devices, git commit, argv --
+  written as ``environment.json`` by every command (``read_environment`` also reads the
+  ``env.json`` of training runs made before the name was the same everywhere).
 - ``pick_device()``: the one rule for ``device = auto | cpu | cuda | cuda:N``.
+- ``check_output_dir()``: the one check of an output path (``--out``), made before any compute.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 from mutransfer.config import ConfigError
 
 ENVIRONMENT_SCHEMA = "mutransfer.environment/1"
+ENVIRONMENT_FILE = "environment.json"
+LEGACY_ENVIRONMENT_FILES = ("env.json",)  # what `train` wrote before; still read
 
 
 def fsync_path(path: Path) -> None:
@@ -49,13 +54,43 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # not serialisable, disk full, path a directory, a signal: no temp file left
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> Path:
+    """``path`` as a directory a command may create or write into, else ConfigError naming it.
+
+    An existing path must be a directory this process may write; a missing one needs its nearest
+    existing ancestor to be such a directory. Nothing is created, so a start that fails a later
+    check leaves no directory behind. (Run as root, permission bits do not stop writes, and
+    ``os.access`` says so too.)
+    """
+    path = Path(path).expanduser()
+    if os.path.lexists(path) and not path.exists():
+        raise ConfigError(f"{what} {str(path)!r} is a broken symbolic link; remove it or choose another path")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file, not a directory; choose a directory (new or "
+                          "existing) for the output")
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing == path else f"cannot be created: {str(existing)!r} is not writable"
+        raise ConfigError(f"{what} {str(path)!r} {problem} for this user; choose another path or change its "
+                          "permissions")
+    return path
 
 
 def read_json(path: str | Path, what: str = "file"):
@@ -182,6 +217,19 @@ def environment(world_size: int = 1, device: str | None = None) -> dict:
                                                                 "pydantic")},
         "code": code_version(),
     }
+
+
+def read_environment(run_dir: str | Path) -> dict | None:
+    """The environment a run directory recorded (``environment.json``, else a legacy ``env.json``);
+    None when it has neither. A file that is there but unreadable is a ConfigError naming it."""
+    for name in (ENVIRONMENT_FILE, *LEGACY_ENVIRONMENT_FILES):
+        path = Path(run_dir) / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{path}: not readable as JSON ({e})") from e
+    return None
 
 
 # ---------------------------------------------------------------- the device

@@ -15,9 +15,10 @@ decay, long context). Each stage (``StageTable``) has
   embedding and the hidden matrices alike, is ``end_lr = 1e-5``; the next stage then starts there.
 - ``mixture = [{name, data, weight}, ...]``: data sources sampled in proportion to weight
   (normalised). Without one the stage uses ``[data].mixture``.
-- ``activation_checkpointing``: this stage's policy (none | full | selective); without one, the
-  run's ``[train].activation_checkpointing``. Long context needs recomputation where the short
-  stages do not (``mutransfer plan --world-size N`` shows it).
+- ``activation_checkpointing``: this stage's policy (none | full | selective), which a phase may
+  set for itself; without one, the run's ``[train].activation_checkpointing``. The recipe's
+  16,384-token phase needs recomputation where its 8,192-token phase and the short stages do not
+  (``mutransfer plan --world-size N`` shows it, and names the lightest policy that fits each phase).
 
 The optimizer switch is ``[optimizer]`` (``SwitchSpec``): stages from ``switch_stage`` on put the
 2-D hidden matrices on Muon, the others on AdamW.
@@ -63,6 +64,7 @@ class PhaseTable(Config):
     seq_len: PosInt | None = None
     global_batch: PosInt | None = None
     micro_batch: PosInt | None = None
+    activation_checkpointing: Checkpointing | None = None  # this phase's (stage's) policy; default: [train]'s
 
 
 class LRSpec(Config):
@@ -88,7 +90,6 @@ class StageTable(PhaseTable):
     phases: list[PhaseTable] | None = None
     lr: LRSpec
     mixture: list[SourceTable] | None = None
-    activation_checkpointing: Checkpointing | None = None  # this stage's policy; default: [train]'s
 
 
 class SwitchSpec(Config):
@@ -97,21 +98,30 @@ class SwitchSpec(Config):
     restart: ``all`` restarts every optimizer state at the switch (embedding and norm gains too),
     as the recipe's decay run did; ``hidden`` keeps AdamW's state for the embedding and norm gains.
     muon_fuse: Muon orthogonalises the fused Q|K|V and gate|up matrices, as the recipe's Megatron
-    did. Both default to the recipe's choice under ``xmodel`` and to the per-matrix, state-keeping
-    variant under ``mup``/``sp``.
+    did. Unset, both follow the parametrization: the recipe's choice under ``xmodel``, the
+    per-matrix, state-keeping variant under ``mup``/``sp``; so a config that must not change with
+    its lock (the recipe's) writes them, and ``plan`` and the switch event say where each came from.
     """
 
     switch: bool = True
     switch_stage: str = "decay"
     carry_momentum: bool = False  # seed Muon's momentum with AdamW's first moment (default: fresh)
-    restart: Literal["all", "hidden"] | None = None
-    muon_fuse: bool | None = None
+    restart: Literal["all", "hidden"] | None = None  # unset: "all" under xmodel, else "hidden"
+    muon_fuse: bool | None = None  # unset: true under xmodel, else false
 
     def restart_for(self, parametrization: str) -> str:
         return self.restart or ("all" if parametrization == "xmodel" else "hidden")
 
     def fuse_for(self, parametrization: str) -> bool:
         return self.muon_fuse if self.muon_fuse is not None else parametrization == "xmodel"
+
+    def restart_source(self, parametrization: str) -> str:
+        return "optimizer.restart" if self.restart is not None else \
+            f"the {parametrization!r} default (optimizer.restart unset)"
+
+    def fuse_source(self, parametrization: str) -> str:
+        return "optimizer.muon_fuse" if self.muon_fuse is not None else \
+            f"the {parametrization!r} default (optimizer.muon_fuse unset)"
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,7 @@ class Phase:
     seq_len: int
     global_batch: int
     micro_batch: int
+    checkpointing: str | None = None  # the phase's own activation checkpointing (None: its stage's)
 
     @property
     def tokens_per_step(self) -> int:
@@ -170,6 +181,10 @@ class Stage:
     @property
     def tokens(self) -> int:
         return sum(p.steps * p.tokens_per_step for p in self.phases)
+
+    def policy(self, phase: Phase, default: str) -> str:
+        """The activation checkpointing of ``phase``: its own, else this stage's, else ``default`` (the run's)."""
+        return phase.checkpointing or self.checkpointing or default
 
     def segment(self) -> Segment:
         return Segment(self.lr_shape, self.steps, self.lr_start, self.lr_end, self.lr_start_abs, self.lr_end_abs)
@@ -260,7 +275,8 @@ def _phases(table: StageTable, where: str, max_seq_len: int) -> tuple[Phase, ...
         for k in fields:
             if k not in merged:
                 raise ConfigError(f"{pw}.{k} is missing (set it on the stage or the phase)")
-        phase = Phase(**merged)
+        own = item.activation_checkpointing if items is not None else None
+        phase = Phase(**merged, checkpointing=own)
         if phase.seq_len > max_seq_len:
             raise ConfigError(f"{pw}.seq_len = {phase.seq_len} exceeds model.max_seq_len = {max_seq_len}")
         if phase.global_batch % phase.micro_batch:

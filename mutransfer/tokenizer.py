@@ -158,3 +158,17 @@ def _load(spec: str) -> Tokenizer:
 def load_tokenizer(spec: str) -> Tokenizer:
     """Load by spec: ``"byte"``, ``"deepseek-v3"`` or a tokenizer.json path. Cached; treat as read-only."""
     return _load(normalize_spec(spec))
+
+
+def check_model_vocab(model, where: str = "model") -> Tokenizer:
+    """``model.tokenizer``, loaded, or ConfigError when it emits ids the model has no embedding row
+    for (``vocab_size`` at most ``model.vocab_size``): such a run would fail at its first batch
+    with 'index out of range' deep inside the embedding. Every command that trains calls this
+    before any compute."""
+    tok = load_tokenizer(model.tokenizer)
+    if tok.vocab_size > model.vocab_size:
+        raise ConfigError(f"{where}.tokenizer = {model.tokenizer!r} has {tok.vocab_size} tokens (ids up to "
+                          f"{tok.vocab_size - 1}) but {where}.vocab_size = {model.vocab_size}: the model has an "
+                          f"embedding row per id; set {where}.vocab_size to at least {tok.vocab_size} (padded: "
+                          f"{tok.model_vocab_size}) or use a tokenizer of at most {model.vocab_size} tokens")
+    return tok

@@ -50,6 +50,11 @@ def eval_batches(dataset, tc: ProxyTrain):
     return dataset.eval_batches("val", tc.eval_batch_size, tc.eval_seq_len or tc.seq_len, tc.eval_batches)
 
 
+def short_eval_warning(dataset, tc: ProxyTrain) -> str | None:
+    """The run-start warning when ``dataset``'s held-out split holds less than one evaluation of ``tc``."""
+    return dataset.short_eval_warning(tc.eval_batches, tc.eval_batch_size, tc.eval_seq_len or tc.seq_len)
+
+
 def train_proxy(shape: RunShape, hp: HParams, tc: ProxyTrain, dataset,
                 on_eval: Callable[[int, float], None] | None = None,
                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:

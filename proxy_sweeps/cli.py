@@ -34,11 +34,19 @@ def register_sweep(sub) -> None:
 
 
 def _run_sweep(args) -> int:
-    from proxy_sweeps.sweep import run_sweep
+    from proxy_sweeps.processes import Stopped, stops_raised
 
-    return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
-                     study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
-                     threads=args.threads, overrides=_overrides(args), allow_data_change=args.allow_data_change)
+    try:
+        with stops_raised():  # while the sweep's modules load a stop is an exit status too, not a kill
+            from proxy_sweeps.sweep import run_sweep
+
+            return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
+                             study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
+                             threads=args.threads, overrides=_overrides(args),
+                             allow_data_change=args.allow_data_change)
+    except Stopped as e:  # before run_sweep caught stops itself (or after it returned): nothing to export
+        print(f"stopped by signal {e.signum} outside the sweep's run; nothing exported", file=sys.stderr)
+        return 128 + e.signum
 
 
 def register_freeze(sub) -> None:
@@ -51,13 +59,23 @@ def register_freeze(sub) -> None:
     p.add_argument("--law", dest="laws", action="append", default=[], metavar="TRANSFER_DIR",
                    help="attach the horizon (axis steps) or batch (axis batch_size) law a transfer check fitted; "
                         "a full-scale config applies it with [transfer] horizon/batch = 'fitted'")
+    p.add_argument("--strict", action="store_true",
+                   help="a warning (a value at its search range's edge, a law whose check did not pass) is an "
+                        "error: exit 1, no lock written")
     p.set_defaults(func=_run_freeze)
 
 
 def _run_freeze(args) -> int:
-    from proxy_sweeps.freeze import freeze
+    from proxy_sweeps.freeze import StrictRefusal, freeze
 
-    lock = freeze(args.dir, args.out, storage=args.storage, overrides=args.overrides, law_dirs=args.laws)
+    try:
+        lock = freeze(args.dir, args.out, storage=args.storage, overrides=args.overrides, law_dirs=args.laws,
+                      strict=args.strict)
+    except StrictRefusal as e:
+        for w in e.warnings:
+            print(f"warning: {w['message']}", file=sys.stderr)
+        print(f"freeze --strict: {len(e.warnings)} warning(s); no lock written to {args.out}", file=sys.stderr)
+        return 1
     prov = lock["provenance"]
     print(f"froze trial {prov['trial_number']} of study {prov['study']!r} "
           f"(objective {prov['objective']['value']:.4f}) -> {args.out}", file=sys.stderr)
@@ -67,6 +85,8 @@ def _run_freeze(args) -> int:
     for kind, law in lock.get("laws", {}).items():
         print(f"  {kind} law: log2 LR* = {law['a']:.3f} - {law['beta']:.3f} log2 {law['unit']} (from {law['source']})",
               file=sys.stderr)
+    for w in lock["warnings"]:
+        print(f"warning: {w['message']}", file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from mutransfer.config import OPTIMIZERS, PARAMETRIZATIONS, ConfigError, apply_overrides, parse
 from mutransfer.coord_config import DEFAULT_LR, CoordConfig
-from mutransfer.rundir import environment, write_json
+from mutransfer.model_size import check_fits_machine
+from mutransfer.rundir import ENVIRONMENT_FILE, check_output_dir, environment, write_json
+from mutransfer.tokenizer import check_model_vocab
 from mutransfer.tracking import Tracking, check_installed
 from mutransfer.tracking import prepare as prepare_tracking
 from mutransfer.tracking.settings import TRACK_HELP, track_override
@@ -85,6 +87,10 @@ def config_from_args(args) -> CoordConfig:
     cfg = parse(CoordConfig, raw, "coord-check").resolved()
     check_installed(cfg.tracking)
     cfg.check_device()
+    shapes = cfg.shapes()
+    check_model_vocab(shapes[0].model)  # every width has the same vocabulary
+    for shape in shapes:
+        check_fits_machine(shape, f"{cfg.axis} {shape.model.d_model if cfg.axis == 'width' else shape.model.n_layers}")
     if args.compare == cfg.param:
         raise ConfigError(f"--compare {args.compare} is the parametrization under test; pick another")
     if args.threads < 0:
@@ -127,7 +133,7 @@ def write_config(out: Path, cfg: CoordConfig, args) -> dict:
     config = {**cfg.model_dump(), "axis": cfg.axis, "compare": args.compare, "statistic": "l1",
               "hparams": cfg.hparams().model_dump(), "threads": args.threads, "command": rerun_command(cfg, args)}
     write_json(out / "config.json", config)
-    write_json(out / "environment.json", environment(device=cfg.device))
+    write_json(out / ENVIRONMENT_FILE, environment(device=cfg.device))
     return config
 
 
@@ -158,7 +164,7 @@ def run(args) -> int:
     cfg = config_from_args(args)
     args.threads = args.threads or auto_threads()
     torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else default_out(cfg)
+    out = check_output_dir(Path(args.out) if args.out else default_out(cfg))
     out.mkdir(parents=True, exist_ok=True)
     for name in ("coord.parquet", "verdict.json", "coord.png"):  # never leave a previous run's results
         (out / name).unlink(missing_ok=True)

@@ -24,9 +24,10 @@ import time
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import TrialState
+
+from proxy_sweeps.journal import AppendOnlyBackend
 
 HEARTBEAT_ATTR = "heartbeat"
 
@@ -50,24 +51,27 @@ class FlockLock(BaseJournalFileLock):
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._fd = fd
+        # The descriptor is kept before it is locked: a stop signal between the lock and the return
+        # leaves nothing that ``release`` (always called, see journal.held) does not undo.
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         return True
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """JournalStorage with Optuna's heartbeat protocol; the beat is the trial's ``heartbeat``
-    system attribute (wall-clock seconds: the journal is one machine's file, one clock)."""
+    system attribute (wall-clock seconds: the journal is one machine's file, one clock). Its file is
+    written by ``journal.AppendOnlyBackend`` (whole lines only, never after a partial one)."""
 
     def __init__(self, path: str, heartbeat_interval: int, grace_period: int, callback=None):
-        super().__init__(JournalFileBackend(path, lock_obj=FlockLock(path + ".lock")))
+        super().__init__(AppendOnlyBackend(path, FlockLock(path + ".lock")))
         self._heartbeat_interval = heartbeat_interval
         self._grace_period = grace_period
         self._stale_callback = callback

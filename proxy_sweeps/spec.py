@@ -45,7 +45,9 @@ from mutransfer.config import (
     parse,
     updated,
 )
+from mutransfer.model_size import check_fits_machine
 from mutransfer.plan import shape_from_config
+from mutransfer.tokenizer import check_model_vocab
 from mutransfer.tracking import TrackingSettings, check_installed
 
 TABLES = ("sweep", "model", "param", "data", "train", "hparams", "objective", "sampler", "pruner", "search",
@@ -158,10 +160,15 @@ class SweepSpec:
         return self.objective.seeds * self.train.steps
 
     def definition_hash(self) -> str:
-        """Hash of everything that defines the study except its trial budget, retry and tracking settings."""
-        body = {k: v for k, v in self.raw.items() if k not in ("sweep", "tracking")}
-        body["sweep"] = {k: v for k, v in self.raw.get("sweep", {}).items() if k == "name"}
-        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return definition_hash(self.raw)
+
+
+def definition_hash(raw: dict) -> str:
+    """Hash of everything that defines the study except its trial budget, retry and tracking settings;
+    ``raw`` is a spec's mapping (also as config.json keeps it)."""
+    body = {k: v for k, v in raw.items() if k not in ("sweep", "tracking")}
+    body["sweep"] = {k: v for k, v in raw.get("sweep", {}).items() if k == "name"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _table(data: dict, name: str) -> dict:
@@ -184,6 +191,8 @@ def spec_from_mapping(data: dict, where: str = "sweep file") -> SweepSpec:
     if "model" not in data:
         raise ConfigError("model: missing; give at least model.preset (e.g. 'tiny')")
     shape = shape_from_config({k: data[k] for k in ("model", "param") if k in data}, "sweep")
+    check_model_vocab(shape.model)
+    check_fits_machine(shape)
     data_spec = parse(DataSpec, data.get("data"), "data")
     train = parse(ProxyTrain, data.get("train"), "train")
     hparams = hparams_from(_table(data, "hparams"))

@@ -3,7 +3,9 @@
 Storage: a journal file (default: one machine, several processes) or any RDB URL (PostgreSQL to
 spread one study over machines). Both get a heartbeat, so a trial whose worker died is failed
 and retried up to ``max_retries`` times (RetryHeartbeatStaleTrialCallback). Optuna 5's
-JournalStorage has no heartbeat, so ``optuna_adapter.HeartbeatJournalStorage`` adds one.
+JournalStorage has no heartbeat, so ``optuna_adapter.HeartbeatJournalStorage`` adds one. A journal
+file is checked whole before it is opened (a partial or foreign line: exit 2 naming it) and is
+appended one whole line at a time (``proxy_sweeps.journal``).
 
 Budget lock: "is the budget spent? if not, ask for a trial" must be one atomic step, or N
 workers overshoot the trial count. A kernel file lock (flock) does it on one machine (released
@@ -22,6 +24,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from mutransfer.config import ConfigError
+from proxy_sweeps import journal
 from proxy_sweeps.optuna_adapter import FlockLock, HeartbeatJournalStorage
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -64,8 +67,7 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 60,
         retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
     path = journal_path(url)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return HeartbeatJournalStorage(path, heartbeat_interval, grace_period, retry)
+        return open_journal(path, heartbeat_interval, grace_period, retry)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -76,6 +78,23 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 60,
         raise ConfigError(f"--storage {redact(url)}: cannot open: {e}") from e
 
 
+def open_journal(path: str, heartbeat_interval: int, grace_period: int, retry) -> HeartbeatJournalStorage:
+    """The journal storage at ``path``, its file checked whole first (journal.check: exit 2 naming a
+    partial or foreign line, never a repair)."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        journal.check(path, FlockLock(path + ".lock"))
+    except OSError as e:
+        raise ConfigError(f"--storage {path}: cannot open the journal: {e.strerror or e}") from e
+    try:
+        return HeartbeatJournalStorage(path, heartbeat_interval, grace_period, retry)
+    except OSError as e:
+        raise ConfigError(f"--storage {path}: cannot open the journal: {e.strerror or e}") from e
+    except (KeyError, TypeError, ValueError, IndexError, AssertionError) as e:  # records that do not replay
+        raise journal.JournalDamaged(f"journal {path}: its records do not replay ({type(e).__name__}: {e}). "
+                                     "Nothing was changed. Restore the file from a backup") from e
+
+
 @contextlib.contextmanager
 def budget_lock(url: str, storage, study_name: str):
     """Serialise "check the budget, then ask" across every worker of a study."""
@@ -84,12 +103,8 @@ def budget_lock(url: str, storage, study_name: str):
     if path is None and url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
     if path is not None:
-        lock = FlockLock(path + ".budget.lock")
-        lock.acquire()
-        try:
+        with journal.held(FlockLock(path + ".budget.lock")):
             yield
-        finally:
-            lock.release()
         return
     import sqlalchemy
 

@@ -1,13 +1,16 @@
 """``mutransfer sweep``: the main process of a sweep.
 
-It checks the spec and the data, creates (or reopens) the study -- refusing another definition or
-other data --, counts this invocation in the study (so the workers' sampler seeds differ from the
-last run's), writes the directory's self-description, starts N worker processes
-(``proxy_sweeps.worker``) and shows progress until they end, then exports trials.parquet and the
-plots. SIGTERM/SIGINT: the workers are stopped (each marks its trial interrupted and queues the
-retry), what is done is exported, and the exit status is 128 + the signal. A sweep whose budget
-ends with lost trials (retries exhausted) says so and exits 1.
-"""
+It checks the spec, the data and the directory (--out: a writable directory, held by this sweep
+alone, whose earlier outputs are this study's: ``proxy_sweeps.sweep_dir``), opens the storage (a
+journal file is checked whole first: ``proxy_sweeps.journal``), creates (or reopens) the study --
+refusing another definition or other data --, counts this invocation in the study (so the workers'
+sampler seeds differ from the last run's), writes the directory's self-description, starts N worker
+processes (``proxy_sweeps.worker``) and shows progress until they end, then exports trials.parquet
+and the plots. SIGTERM/SIGINT, from the first line of ``run_sweep`` on: a stop during the set-up
+waits until it is whole; then the workers are stopped (each marks its trial interrupted and queues
+the retry), what exists is exported, and the exit status is 128 + the signal (a stop during the
+export lets it finish). A sweep whose budget ends with lost trials (retries exhausted) says so and
+exits 1."""
 
 from __future__ import annotations
 
@@ -26,9 +29,10 @@ from mutransfer.rundir import cpu_count, environment, pick_device, write_json
 from mutransfer.tracking import prepare as prepare_tracking
 from proxy_sweeps import storage as st
 from proxy_sweeps.budget import account
-from proxy_sweeps.processes import STOP_SIGNALS, Stopped, raise_stopped
+from proxy_sweeps.processes import MainStops, Stopped
 from proxy_sweeps.spec import SweepSpec, grid_size, load_spec, resolved
 from proxy_sweeps.study import create_or_check, record_invocation
+from proxy_sweeps.sweep_dir import SweepDirLock, check_outputs, check_writable
 from proxy_sweeps.worker import CONFIG_FILE, STORAGE_ENV
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress line and worker logs say it all
@@ -49,19 +53,24 @@ def progress_line(study: optuna.Study, n_trials: int, max_retries: int, elapsed:
 
 
 class Progress:
-    """One status line on stderr: rewritten in place on a terminal, printed on change otherwise."""
+    """One status line on stderr: rewritten in place on a terminal; otherwise printed on change and,
+    without one, again every ``interval`` seconds (a heartbeat, so a log shows the sweep is alive
+    while a long trial runs). ``clock`` is what the interval is measured with."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, interval: float = 10.0, clock=time.monotonic):
         self.quiet, self.last, self.tty = quiet, None, sys.stderr.isatty()
+        self.interval, self.clock, self.printed_at = interval, clock, None
 
     def show(self, line: str, final: bool = False) -> None:
-        if self.quiet or (line == self.last and not final):
+        if self.quiet or (line == self.last and not final and self.tty):
             return
         body = line.split("] ", 1)[-1]
         if self.tty:
             sys.stderr.write("\r\033[K" + line + ("\n" if final else ""))
-        elif body != (self.last or "").split("] ", 1)[-1]:
+        elif (body != (self.last or "").split("] ", 1)[-1] or self.printed_at is None
+              or self.clock() - self.printed_at >= self.interval):
             sys.stderr.write(line + "\n")
+            self.printed_at = self.clock()
         sys.stderr.flush()
         self.last = line
 
@@ -91,10 +100,13 @@ def plan_devices(spec: SweepSpec, workers: int, gpus_per_trial: int, threads: in
 
 
 def prepare(spec_path, out_dir, storage=None, trials=None, study_name=None, overrides=(), workers: int = 1,
-            allow_data_change: bool = False, gpus_per_trial: int = 0, threads: int | None = None) -> dict:
+            allow_data_change: bool = False, gpus_per_trial: int = 0, threads: int | None = None,
+            lock: SweepDirLock | None = None) -> dict:
     """Everything checked before compute; config.json (what the workers read) is written only once
-    every check passed."""
+    every check passed. ``lock``: the directory's (acquired here, once --out is known to be usable;
+    the caller releases it)."""
     from mutransfer.data.builtin import open_dataset
+    from mutransfer.training import short_eval_warning
 
     if workers < 1:
         raise ConfigError(f"--workers = {workers} must be >= 1")
@@ -111,12 +123,19 @@ def prepare(spec_path, out_dir, storage=None, trials=None, study_name=None, over
     out = Path(out_dir)
     url = st.normalize(storage, out)
     name = study_name or spec.sweep.name
-    dataset = open_dataset(spec.data.spec, spec.shape.model.tokenizer)
+    dataset = open_dataset(spec.data.spec, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
+    warning = short_eval_warning(dataset, spec.train)  # a held-out split smaller than one trial's evaluation
+    if warning:
+        print(warning, file=sys.stderr)
     plans = plan_devices(spec, workers, gpus_per_trial, threads)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare_tracking(spec.tracking, out)  # e.g. MLflow's database, once, before the workers open runs in it
+    check_writable(out)
+    if lock is not None:
+        lock.acquire()
     store = st.open_storage(url, spec.sweep.heartbeat_interval, spec.sweep.grace_period, spec.sweep.max_retries)
+    held = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
+    check_outputs(out, name, spec.definition_hash(), st.redact(url), held.get(name))
     study = create_or_check(spec, url, name, store, dataset.fingerprint, allow_data_change)
+    prepare_tracking(spec.tracking, out)  # e.g. MLflow's database, once, before the workers open runs in it
     with st.budget_lock(url, store, name):
         invocation = record_invocation(study, workers)
     cfg = {
@@ -132,53 +151,69 @@ def prepare(spec_path, out_dir, storage=None, trials=None, study_name=None, over
         "resolved": resolved(spec),
         "spec": spec.raw,
     }
-    write_json(out / CONFIG_FILE, cfg)
     write_json(out / "environment.json", environment(device=cfg["device"]))
+    write_json(out / CONFIG_FILE, cfg)
     return {"cfg": cfg, "spec": spec, "url": url, "storage": store, "study": study, "plans": plans}
 
 
 def run_sweep(spec_path, out_dir, storage: str | None = None, workers: int = 1, trials: int | None = None,
               study_name: str | None = None, gpus_per_trial: int = 0, quiet: bool = False,
               threads: int | None = None, overrides=(), allow_data_change: bool = False) -> int:
-    ready = prepare(spec_path, out_dir, storage, trials, study_name, overrides, workers, allow_data_change,
-                    gpus_per_trial, threads)
-    cfg, spec, url, study, plans = ready["cfg"], ready["spec"], ready["url"], ready["study"], ready["plans"]
-    out = Path(out_dir)
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    max_retries = spec.sweep.max_retries
-    progress = Progress(quiet)
-    if not quiet:
-        print(f"sweep {cfg['study']!r}: {cfg['trials']} trials, {workers} worker(s), storage {st.redact(url)}, "
-              f"out {out}", file=sys.stderr)
-    trials_now = study.get_trials(deepcopy=False)
-    acc = account(trials_now, max_retries)
-    if acc.used >= cfg["trials"] and acc.pending == 0:
-        plans = []  # the budget is spent and nothing is pending: export only
-    procs = []
-    start = time.perf_counter()
-    stopped = None
-    old = {s: signal.signal(s, raise_stopped) for s in STOP_SIGNALS}
+    """The sweep; its exit status. Stop signals are caught from its first line: one that comes while
+    it sets up waits until the setup is whole, then the sweep exports and exits 128 + the signal."""
+    stops, lock = MainStops(), SweepDirLock(out_dir)
+    out, procs, ready = Path(out_dir), [], {}
+    stops.install()
     try:
-        for i, plan in enumerate(plans):
-            env = {**os.environ, **plan["env"], STORAGE_ENV: url, "MUTRANSFER_SWEEP_PARENT": str(os.getpid())}
-            log = open(logs / f"worker-{i}.log", "ab")
-            cmd = [sys.executable, "-m", "proxy_sweeps.worker", str(out), "--index", str(i),
-                   "--threads", str(plan["threads"])]
-            procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        return _run(stops, lock, out, procs, ready, spec_path, storage, workers, trials, study_name,
+                    gpus_per_trial, quiet, threads, overrides, allow_data_change)
+    finally:
+        for _, log in procs:
+            log.close()
+        lock.release()
+        stops.restore()
+
+
+def _run(stops: MainStops, lock: SweepDirLock, out: Path, procs: list, ready: dict, spec_path, storage, workers,
+         trials, study_name, gpus_per_trial, quiet, threads, overrides, allow_data_change) -> int:
+    logs = out / "logs"
+    progress = Progress(quiet)
+    start = time.perf_counter()
+    try:
+        with stops.held():  # a stop here waits: config.json and the study it names come out whole
+            ready.update(prepare(spec_path, out, storage, trials, study_name, overrides, workers,
+                                 allow_data_change, gpus_per_trial, threads, lock=lock))
+        study, cfg, plans = ready["study"], ready["cfg"], ready["plans"]
+        max_retries = ready["spec"].sweep.max_retries
+        if not quiet:
+            print(f"sweep {cfg['study']!r}: {cfg['trials']} trials, {workers} worker(s), storage "
+                  f"{st.redact(ready['url'])}, out {out}", file=sys.stderr)
+        acc = account(study.get_trials(deepcopy=False), max_retries)
+        if acc.used >= cfg["trials"] and acc.pending == 0:
+            plans = []  # the budget is spent and nothing is pending: export only
+        with stops.held():  # every worker started is in ``procs``, so a stop reaches each
+            logs.mkdir(exist_ok=True)
+            for i, plan in enumerate(plans):
+                env = {**os.environ, **plan["env"], STORAGE_ENV: ready["url"],
+                       "MUTRANSFER_SWEEP_PARENT": str(os.getpid())}
+                log = open(logs / f"worker-{i}.log", "ab")
+                cmd = [sys.executable, "-m", "proxy_sweeps.worker", str(out), "--index", str(i),
+                       "--threads", str(plan["threads"])]
+                procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
         while any(p.poll() is None for p, _ in procs):
             progress.show(progress_line(study, cfg["trials"], max_retries, time.perf_counter() - start))
             time.sleep(1.0)
-    except (Stopped, KeyboardInterrupt) as e:
-        stopped = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        for s in old:  # a second signal must not cut the clean-up short
-            signal.signal(s, signal.SIG_IGN)
+        stops.finish()
+    except (Stopped, KeyboardInterrupt):
+        stops.finish()  # from here on a stop is only recorded: the clean-up and the export run to their end
+        if stops.signum is None:
+            stops.signum = signal.SIGINT
         _stop_workers([p for p, _ in procs])
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for _, log in procs:
-            log.close()
+    if "cfg" not in ready:
+        print(f"stopped by signal {stops.signum} before the sweep started; nothing to export", file=sys.stderr)
+        return 128 + int(stops.signum)
+    study, cfg, max_retries = ready["study"], ready["cfg"], ready["spec"].sweep.max_retries
+    stopped = stops.signum
     progress.show(progress_line(study, cfg["trials"], max_retries, time.perf_counter() - start), final=True)
     crashed = [i for i, (p, _) in enumerate(procs) if p.returncode not in (0, 130) and stopped is None]
     for i in crashed:
@@ -187,10 +222,10 @@ def run_sweep(spec_path, out_dir, storage: str | None = None, workers: int = 1, 
     from proxy_sweeps.export import export
 
     summary = export(study, out, cfg, max_retries)
-    if stopped is not None:
-        print(f"stopped by signal {stopped}; exported what is done. Run the same command again to continue "
+    if stops.signum is not None:  # also a stop that came during the export
+        print(f"stopped by signal {stops.signum}; exported what is done. Run the same command again to continue "
               "(interrupted trials are retried)", file=sys.stderr)
-        return 128 + int(stopped)
+        return 128 + int(stops.signum)
     acc = account(study.get_trials(deepcopy=False), max_retries)
     if not quiet:
         best = summary.get("best")

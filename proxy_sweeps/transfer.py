@@ -53,9 +53,20 @@ from mutransfer.config import (
     parse,
     updated,
 )
+from mutransfer.model_size import check_fits_machine
 from mutransfer.plan import shape_from_config
-from mutransfer.rundir import append_jsonl, cpu_count, environment, read_json, read_jsonl, write_json
+from mutransfer.rundir import (
+    ENVIRONMENT_FILE,
+    append_jsonl,
+    check_output_dir,
+    cpu_count,
+    environment,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 from mutransfer.specs import at_depth, at_width
+from mutransfer.tokenizer import check_model_vocab
 from mutransfer.tracking import Tracking, TrackingSettings, check_installed
 from mutransfer.tracking import prepare as prepare_tracking
 from mutransfer.training import Diverged, train_proxy
@@ -243,6 +254,7 @@ def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
             raise ConfigError("hparams.lr: transfer.tune = 'weight_decay' holds the base LR fixed; give it "
                               "(e.g. the optimum of an LR check at the smallest value)")
     shape = shape_from_config({k: data[k] for k in ("model", "param") if k in data}, "transfer")
+    check_model_vocab(shape.model)
     data_table = data.get("data", {})
     if not isinstance(data_table, dict) or sorted(set(data_table) - {"spec"}):
         raise ConfigError("data: expected a table with only 'spec'")
@@ -253,7 +265,7 @@ def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
                         hparams=hparams_from(hp_table), raw=data, tracking=tracking)
     for variant in spec.variants:
         for value in settings.values:  # every grid point must be a model and a budget, before compute
-            spec.shape_at(variant, value)
+            check_fits_machine(spec.shape_at(variant, value), f"transfer.values: {settings.axis} {value}")
             spec.train_at(value)
     return spec
 
@@ -342,7 +354,7 @@ def _chain(args) -> list[dict]:
     torch.set_num_threads(threads)
     spec = spec_from_mapping(raw)
     variant = Variant(**variant_dict)
-    dataset = open_dataset(spec.data, spec.shape.model.tokenizer)
+    dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
     key_of = spec.settings.grid_key
     done = {run_key(r, key_of): r for r in read_runs(out_dir)}
     diverged_at = None
@@ -411,6 +423,7 @@ def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: i
 def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(),
                        seeds: int | None = None, allow_data_change: bool = False) -> int:
     from mutransfer.data.builtin import open_dataset
+    from mutransfer.training import short_eval_warning
     from proxy_sweeps.transfer_verdict import format_verdict, judge
 
     if workers < 1:
@@ -418,8 +431,12 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
     if seeds is not None:
         overrides = [*overrides, f"transfer.seeds={seeds}"]
     spec = load_transfer_spec(path, overrides)
-    dataset = open_dataset(spec.data, spec.shape.model.tokenizer)  # checked before any compute
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
+    # checked before any compute
+    dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
+    warning = short_eval_warning(dataset, spec.train)
+    if warning:
+        print(warning, file=sys.stderr)
     config_path = out / "config.json"
     if config_path.is_file():
         old = read_json(config_path, "transfer-check config")
@@ -436,7 +453,7 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
                              "data_fingerprint": dataset.fingerprint, "tune": spec.settings.tune,
                              "grid_key": spec.settings.grid_key, "grid": spec.grid,
                              "definition": _definition(spec), "spec": spec.raw})
-    write_json(out / "environment.json", environment())
+    write_json(out / ENVIRONMENT_FILE, environment())
 
     s = spec.settings
     done = done_keys(out, s.grid_key)

@@ -122,7 +122,7 @@ def work(out_dir: str | Path, index: int, threads: int | None = None, storage_ur
     storage = st.open_storage(url, hb, grace, max_retries)
     seed = sampler_seed(spec, cfg.get("invocation", 0), index)
     study = load_for_worker(spec, cfg["study"], storage, seed)
-    dataset = open_dataset(spec.data.spec, spec.shape.model.tokenizer)
+    dataset = open_dataset(spec.data.spec, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
     space = distributions(spec)
     tag = f"{os.uname().nodename}:{os.getpid()}"
     while True:

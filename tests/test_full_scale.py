@@ -87,7 +87,7 @@ def test_smoke_transitions(smoke):
     assert rows[-1]["val_loss"] < rows[0]["loss"] - 1.5  # it learns (starts near ln 256 = 5.5)
     # a self-describing directory
     config = json.loads((out / "config.json").read_text())
-    env = json.loads((out / "env.json").read_text())
+    env = json.loads((out / "environment.json").read_text())
     assert config["hparams"]["alpha_in"] == 4.0 and config["config"]["stages"][3]["name"] == "decay"
     assert env["schema"] == "mutransfer.environment/1" and env["versions"]["torch"] and env["world_size"] == 1
     assert "git_commit" in env["code"]

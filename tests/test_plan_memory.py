@@ -4,6 +4,7 @@ memory table with its fits / does-not-fit verdict per stage (exit 1 when a stage
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,16 @@ def test_every_stage_fits_48_gpus_of_80gb_as_configured(capsys):
     assert [s["name"] for s in stages] == ["warmup", "stable1", "stable2", "decay", "long_context", "long_context"]
     assert [(s["seq_len"], s["micro_batch"]) for s in stages][-2:] == [(8192, 1), (16384, 1)]
     assert all(s["fits"] and s["peak_bytes"] < 80 * 2**30 for s in stages)
-    assert plan["memory"]["activation_checkpointing"] != "none"
+    # recomputation per phase: only the 16,384-token phase pays for it
+    assert [s["checkpointing"] for s in stages] == ["none"] * 5 + ["full"]
+    assert [s["lightest_fitting"] for s in stages] == ["none"] * 5 + ["full"]
     # FLOPs at the config's sequence length, not a fixed 4096
     assert plan["seq_len"] == 3712
 
 
 def test_without_checkpointing_the_long_context_phase_does_not_fit(capsys):
     rc, plan = plan_json(capsys, "--world-size", "48", "--gpu-memory", "80GiB",
-                         "--set", "train.activation_checkpointing=none")
+                         "--set", "stages.long_context.phases.1.activation_checkpointing='none'")
     assert rc == 1
     verdicts = {(s["name"], s["seq_len"]): s["fits"] for s in plan["stages"]}
     assert verdicts[("long_context", 16384)] is False
@@ -90,3 +93,37 @@ def test_train_runs_the_documented_path_with_no_override(tmp_path):
     assert cfg.shape.param.parametrization == "xmodel" and cfg.shape.param.d_base == 256
     assert cfg.lock.provenance["source"] == "published recipe"
     assert cfg.stages.switch.restart_for("xmodel") == "all" and cfg.stages.switch.fuse_for("xmodel")
+
+
+def test_the_plan_names_the_lightest_policy_that_fits_each_phase(capsys):
+    """Per phase: a policy heavier than needed is named with the one that fits; and the other branch,
+    a phase that fits only with recomputation."""
+    rc, plan = plan_json(capsys, "--world-size", "48", "--set",
+                         "stages.long_context.phases.0.activation_checkpointing='full'")
+    assert rc == 0
+    eight_k = plan["stages"][-2]
+    assert (eight_k["checkpointing"], eight_k["lightest_fitting"]) == ("full", "none")
+    assert main(["plan", XMODEL, "--world-size", "48", "--set",
+                 "stages.long_context.phases.0.activation_checkpointing='full'"]) == 0
+    out = capsys.readouterr().out
+    assert "long_context[0] recomputes ('full') where 'none' fits" in out
+    assert "stages[4] (long_context).phases[0].activation_checkpointing = 'none'" in out
+    # 16k without recomputation does not fit; 'full' is the lightest that does (fp8-te has no 'selective')
+    rc, plan = plan_json(capsys, "--world-size", "48", "--set",
+                         "stages.long_context.phases.1.activation_checkpointing='none'")
+    assert rc == 1
+    assert (plan["stages"][-1]["fits"], plan["stages"][-1]["lightest_fitting"]) == (False, "full")
+    # under bf16 selective recomputation is allowed, and is lighter than full: on a 64 GiB GPU the
+    # 16k phase needs it (59.1 GiB without recomputation, 41.3 selective, 17.3 full; 54.4 allowed)
+    rc, plan = plan_json(capsys, "--world-size", "48", "--gpu-memory", "64GiB", "--set", "train.precision='bf16'",
+                         "--set", "stages.long_context.phases.1.activation_checkpointing='none'")
+    assert rc == 1 and plan["stages"][-1]["lightest_fitting"] == "selective"
+
+
+def test_memory_is_written_in_gib(capsys):
+    assert main(["plan", XMODEL, "--world-size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "GiB" in out
+    assert not re.search(r"[0-9.]\s*GB\b", out), re.findall(r".*[0-9.]\s*GB\b.*", out)
+    line = next(x for x in out.splitlines() if x.startswith("memory (fp32"))
+    assert line.endswith("GiB")

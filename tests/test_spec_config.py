@@ -193,6 +193,13 @@ def test_the_full_scale_pipeline_trains_a_spec_model(tmp_path, capsys):
     short = ["--set", "stages.warmup.steps=2", "--set", "stages.stable1.steps=2", "--set", "stages.stable2.steps=2",
              "--set", "stages.decay.steps=2", "--set", "stages.long_context.phases.0.steps=1",
              "--set", "stages.long_context.phases.1.steps=1", "--quiet"]
+    # the smoke config's recipe Muon fuses Q|K|V and gate|up; this GPT names no fused sets (its c_attn is
+    # one matrix already): refused before any compute, and per-matrix Muon runs
+    assert main(["train", str(config), "--out", str(tmp_path / "fused"), *short]) == 2
+    assert "optimizer.muon_fuse = true (optimizer.muon_fuse): the model spec of examples.nanogpt:spec names no " \
+        "fused sets" in capsys.readouterr().err
+    assert not (tmp_path / "fused").exists()
+    short += ["--set", "optimizer.muon_fuse=false"]
     assert main(["train", str(config), "--out", str(tmp_path / "run"), *short]) == 0
     rows = read_rows(tmp_path / "run" / "metrics.jsonl")
     assert [r["optimizer"] for r in rows] == ["adamw"] * 6 + ["muon"] * 4

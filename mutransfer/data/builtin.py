@@ -52,9 +52,16 @@ def builtin_dataset(tokenizer: str = "byte", cache_dir=None, progress: bool = Fa
     return TokenDataset(out)
 
 
-def open_dataset(spec: str, tokenizer: str, cache_dir=None) -> TokenDataset:
+def open_dataset(spec: str, tokenizer: str, cache_dir=None, vocab_size: int | None = None) -> TokenDataset:
     """``data = "builtin"`` / ``"builtin:tinyshakespeare"`` or a prepared directory, checked against
-    the model's tokenizer."""
+    the model's tokenizer and, given the model's ``vocab_size``, against its embedding rows."""
+    dataset = _open(spec, tokenizer, cache_dir)
+    if vocab_size is not None:
+        dataset.check_vocab(vocab_size)
+    return dataset
+
+
+def _open(spec: str, tokenizer: str, cache_dir) -> TokenDataset:
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"data = {spec!r} must be 'builtin', {BUILTIN_NAME!r} or a prepared dataset "
                           "directory")
@@ -64,7 +71,13 @@ def open_dataset(spec: str, tokenizer: str, cache_dir=None) -> TokenDataset:
             raise ConfigError(f"data = {spec!r} is not a built-in corpus; allowed: 'builtin', "
                               f"{BUILTIN_NAME!r}, or a prepared dataset directory")
         return builtin_dataset(tokenizer, cache_dir=cache_dir)
-    if not Path(spec).expanduser().is_dir():
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"data = {spec!r} is a file, not a prepared dataset directory; data is 'builtin' or a "
+                          "directory written by `mutransfer data prepare` (index.json and token shards); make "
+                          f"one from this file with `mutransfer data prepare {spec} --tokenizer {tokenizer} "
+                          "--out DIR`")
+    if not path.is_dir():
         raise ConfigError(f"data = {spec!r} does not exist; prepare one with `mutransfer data prepare FILES "
                           f"--tokenizer {tokenizer} --out {spec}` or use data = 'builtin'")
     dataset = TokenDataset(spec)

@@ -20,16 +20,26 @@ def register(subparsers) -> None:
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
     prepare = commands.add_parser(
-        "prepare", help="tokenize text files into shards",
-        description="Tokenize .txt (documents separated by blank lines), .jsonl and .parquet files "
-                    "(.txt.gz and .jsonl.gz too) into memory-mapped token shards with a held-out val split.")
-    prepare.add_argument("files", nargs="+", metavar="FILES")
+        "prepare", help="tokenize text files or HuggingFace datasets into shards",
+        description="Tokenize .txt and .md (documents separated by blank lines), .jsonl, .json (an array of "
+                    "strings or records) and .parquet files (gzipped too, but for .parquet), HuggingFace "
+                    "datasets saved with save_to_disk (a directory) and cached Hub datasets (hf:NAME, never "
+                    "downloaded) into memory-mapped token shards with a held-out val split.")
+    prepare.add_argument("files", nargs="+", metavar="FILES",
+                         help="files, save_to_disk directories, or hf:NAME for a dataset in the local HF cache")
     prepare.add_argument("--tokenizer", required=True,
                          help="'byte', 'deepseek-v3', or a path to a tokenizer.json")
     prepare.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     prepare.add_argument("--val-fraction", type=float, default=0.005,
                          help="share of documents held out for validation (default 0.005; at least one)")
-    prepare.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default 'text')")
+    prepare.add_argument("--text-field", default="text",
+                         help="JSON(L) field / Parquet or HF dataset column (default 'text')")
+    prepare.add_argument("--split", default=None,
+                         help="split of a HuggingFace dataset input (default 'train')")
+    prepare.add_argument("--hf-config", default=None, help="configuration name of an hf:NAME input")
+    prepare.add_argument("--hf-cache-dir", default=None,
+                         help="HuggingFace datasets cache to read hf:NAME from (default: datasets' own, "
+                              "HF_DATASETS_CACHE)")
     prepare.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                          help="tokens per shard file (default 2**24)")
     prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -49,6 +59,9 @@ class PrepareOptions(Config):
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.005
     text_field: str = "text"
     shard_tokens: PosInt = DEFAULT_SHARD_TOKENS
+    split: str | None = None
+    hf_config: str | None = None
+    hf_cache_dir: str | None = None
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -56,11 +69,13 @@ def _prepare(args: argparse.Namespace) -> int:
 
     try:
         raw = {"tokenizer": args.tokenizer, "val_fraction": args.val_fraction, "text_field": args.text_field,
-               "shard_tokens": args.shard_tokens}
+               "shard_tokens": args.shard_tokens, "split": args.split, "hf_config": args.hf_config,
+               "hf_cache_dir": args.hf_cache_dir}
         opts = parse(PrepareOptions, apply_overrides(raw, args.overrides), "data prepare")
         out = prepare_dataset(args.files, opts.tokenizer, args.out, val_fraction=opts.val_fraction,
                               text_field=opts.text_field, shard_tokens=opts.shard_tokens,
-                              progress=not args.quiet)
+                              progress=not args.quiet, split=opts.split, hf_config=opts.hf_config,
+                              hf_cache_dir=opts.hf_cache_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -79,6 +79,8 @@ class TokenDataset:
         self.tokenizer_fingerprint: str = index["tokenizer_fingerprint"]
         self.vocab_size: int = index["vocab_size"]
         self.model_vocab_size: int = index["model_vocab_size"]
+        # The largest id in the shards (recorded since it was added; before, the tokenizer's bound).
+        self.max_token_id: int = index.get("max_token_id", self.vocab_size - 1)
         self.eos_id: int | None = index.get("eos_id")
         self.fingerprint: str = index["fingerprint"]
         self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
@@ -119,6 +121,13 @@ class TokenDataset:
                               f"{str(self.directory)!r}, which was prepared with tokenizer "
                               f"{self.tokenizer!r}; prepare the data again with --tokenizer {spec} or use "
                               f"tokenizer = {self.tokenizer!r}")
+
+    def check_vocab(self, vocab_size: int, where: str = "model.vocab_size") -> None:
+        """ConfigError unless every token id of the dataset is below the model's ``vocab_size``."""
+        if self.max_token_id >= vocab_size:
+            raise ConfigError(f"data {str(self.directory)!r} holds token ids up to {self.max_token_id} but {where} = "
+                              f"{vocab_size}; the model needs vocab_size > every id (at least "
+                              f"{self.max_token_id + 1})")
 
     def _check_window(self, split: str, seq_len: int) -> _Split:
         data = self._split(split)
@@ -177,6 +186,20 @@ class TokenDataset:
                 starts = starts[rows]
             batches.append(self._pack([data.window(int(s), seq_len + 1) for s in starts], seq_len))
         return batches
+
+    def short_eval_warning(self, batches: int, batch_size: int, seq_len: int, split: str = "val") -> str | None:
+        """A warning with both numbers when ``split`` holds less than one evaluation of ``batches`` x
+        ``batch_size`` x ``seq_len`` tokens (``eval_batches`` would quietly evaluate on less); else None."""
+        from mutransfer.data.heldout import short_heldout_warning, suggested_val_fraction
+
+        wanted = batches * batch_size * seq_len
+        total = sum(self.num_tokens(s) for s in self.splits)
+        now = self.index.get("settings", {}).get("val_fraction")
+        fix = (f"prepare {str(self.directory)!r} again with --val-fraction "
+               f"{suggested_val_fraction(total, wanted):.2g}" + (f" (now {now:g})" if now else "") +
+               ", or lower train.eval_batches / train.eval_batch_size / train.eval_seq_len")
+        return short_heldout_warning(self.num_tokens(split), batches, batch_size, seq_len, "this run's settings",
+                                     fix)
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={self.num_tokens(s):,}" for s in self.splits)

@@ -2,10 +2,14 @@
 
 Inputs, by suffix (a trailing ``.gz`` is decompressed on the fly):
 
-- ``.txt``: documents are separated by blank (whitespace-only) lines, so a book splits into
-  paragraphs and a file of articles into articles; a file without blank lines is one document.
+- ``.txt`` and ``.md`` (plain text): documents are separated by blank (whitespace-only) lines, so a
+  book splits into paragraphs and a file of articles into articles; a file without blank lines is
+  one document.
 - ``.jsonl``: one JSON object per line; the document is the string in ``text_field``.
+- ``.json``: one JSON array, of strings (each a document) or of objects (the string in ``text_field``).
 - ``.parquet``: the string column ``text_field``, read one record batch at a time.
+- a HuggingFace ``datasets`` directory (``save_to_disk``) or ``hf:NAME`` from the local Hub cache:
+  the string column ``text_field`` of one split (see ``mutransfer.data.hf_datasets``).
 
 Each document is followed by the tokenizer's EOS id; a tokenizer without EOS (bytes) gets a
 blank line instead, the plain-text way of ending a document. A document goes to the held-out
@@ -36,20 +40,21 @@ from pathlib import Path
 import numpy as np
 
 from mutransfer.config import ConfigError
+from mutransfer.rundir import check_output_dir
 from mutransfer.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "mutransfer-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 SPLIT_RULE = "blake2b-64(utf-8 document text) / 2**64 < val_fraction; >= 1 document in val"
-INPUT_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+INPUT_KINDS = {".txt": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 DEFAULT_SHARD_TOKENS = 2**24
 _BATCH_CHARS = 4_000_000  # documents are tokenized in batches of about this much text
 _BLANK_LINE = re.compile(r"\s*")
 
 
 def input_kind(path: Path) -> str:
-    """'txt', 'jsonl' or 'parquet' from the file name; ConfigError for anything else."""
+    """'txt' (.txt, .md), 'jsonl', 'json' or 'parquet' from the file name; ConfigError for anything else."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
@@ -57,8 +62,9 @@ def input_kind(path: Path) -> str:
             suffixes = []  # parquet compresses itself; a gzipped parquet file is not readable
     kind = INPUT_KINDS.get(suffixes[-1] if suffixes else "")
     if kind is None:
-        raise ConfigError(f"data file {str(path)!r} has an unsupported type; allowed: .txt, .jsonl, .parquet "
-                          "(.txt and .jsonl may be gzipped: .txt.gz, .jsonl.gz)")
+        raise ConfigError(f"data file {str(path)!r} has an unsupported type; allowed: .txt, .md, .jsonl, .json, "
+                          ".parquet (all but .parquet may be gzipped, e.g. .jsonl.gz), a saved HuggingFace dataset "
+                          "directory, or hf:NAME from the local HuggingFace cache")
     return kind
 
 
@@ -70,11 +76,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def describe_sources(files) -> list[dict]:
-    """Name, kind, size and sha256 of every input; ConfigError naming a file that is missing."""
+def describe_sources(files, text_field: str = "text", split: str | None = None, hf_config: str | None = None,
+                     hf_cache_dir: str | None = None) -> list[dict]:
+    """Name, kind, size and sha256 of every input; ConfigError naming a file that is missing.
+
+    ``split``, ``hf_config`` and ``hf_cache_dir`` choose what to read of HuggingFace dataset inputs
+    (a saved dataset directory or ``hf:NAME``) and are refused when there is none.
+    """
+    from mutransfer.data import hf_datasets
+
     sources = []
     for f in files:
         path = Path(f).expanduser()
+        if str(f).startswith(hf_datasets.HUB_PREFIX) or hf_datasets.is_saved_dataset(path):
+            sources.append(hf_datasets.describe(str(f), text_field, split, hf_config, hf_cache_dir))
+            continue
+        if path.is_dir():
+            raise ConfigError(f"data input {str(f)!r} is a directory but not a saved HuggingFace dataset "
+                              "(no dataset_info.json + state.json, nor dataset_dict.json)")
         if not path.is_file():
             raise ConfigError(f"data file {str(f)!r} does not exist (or is not a file)")
         kind = input_kind(path)
@@ -83,6 +102,11 @@ def describe_sources(files) -> list[dict]:
                         "size": path.stat().st_size, "sha256": sha256_file(path)})
     if not sources:
         raise ConfigError("data: no input files given")
+    if not any(s["kind"].startswith("hf-") for s in sources):
+        for name, value in (("split", split), ("hf_config", hf_config), ("hf_cache_dir", hf_cache_dir)):
+            if value is not None:
+                raise ConfigError(f"data: {name} = {value!r} applies only to HuggingFace dataset inputs "
+                                  "(a save_to_disk directory or hf:NAME), and there is none")
     return sources
 
 
@@ -183,6 +207,28 @@ def _jsonl_documents(text, path: Path, text_field: str) -> Iterator[str]:
         yield value
 
 
+def _json_documents(text, path: Path, text_field: str) -> Iterator[str]:
+    try:
+        records = json.load(text)
+    except ValueError as e:
+        raise ConfigError(f"data file {str(path)!r}: not valid JSON ({e})") from e
+    if not isinstance(records, list):
+        raise ConfigError(f"data file {str(path)!r}: the top level is a JSON {type(records).__name__}; expected an "
+                          "array of strings or of objects (or use .jsonl for one object per line)")
+    for i, record in enumerate(records):
+        if isinstance(record, str):
+            yield record
+            continue
+        if not isinstance(record, dict) or text_field not in record:
+            raise ConfigError(f"data file {str(path)!r} element {i}: neither a string nor an object with the field "
+                              f"{text_field!r} (set text_field / --text-field)")
+        value = record[text_field]
+        if not isinstance(value, str):
+            raise ConfigError(f"data file {str(path)!r} element {i}: field {text_field!r} is "
+                              f"{type(value).__name__}, not a string")
+        yield value
+
+
 def _parquet_documents(source: dict, text_field: str, bar) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -212,10 +258,18 @@ def _file_documents(source: dict, text_field: str, bar) -> Iterator[str]:
     if source["kind"] == "parquet":
         yield from _parquet_documents(source, text_field, bar)
         return
+    if source["kind"].startswith("hf-"):
+        from mutransfer.data import hf_datasets
+
+        yield from hf_datasets.documents(source, text_field, bar)
+        return
     path = Path(source["path"])
+    readers = {"txt": lambda text: _txt_documents(text, path),
+               "jsonl": lambda text: _jsonl_documents(text, path, text_field),
+               "json": lambda text: _json_documents(text, path, text_field)}
     with open(path, "rb") as raw:
         text = _open_text(raw, path)
-        docs = _txt_documents(text, path) if source["kind"] == "txt" else _jsonl_documents(text, path, text_field)
+        docs = readers[source["kind"]](text)
         done = 0
         for doc in docs:
             yield doc
@@ -258,6 +312,7 @@ class _ShardWriter:
         self.shards: list[dict] = []
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token_id = -1  # the largest id written (-1: none yet)
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self._file = None
@@ -274,6 +329,7 @@ class _ShardWriter:
             return
         tokens = np.concatenate(self._pending).astype(self.dtype)
         self._pending, self._pending_tokens = [], 0
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
         while len(tokens):
             if self._file is None or self.shards[-1]["num_tokens"] == self.shard_tokens:
                 self._open_next()
@@ -367,6 +423,7 @@ def _index(tok: Tokenizer, sources: list[dict], settings: dict, fingerprint: str
         "tokenizer_fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,
         "model_vocab_size": tok.model_vocab_size,
+        "max_token_id": max(w.max_token_id for w in writers.values()),  # a model needs vocab_size above it
         "eos_id": tok.eos_id,
         "document_separator": _separator(tok).tolist(),
         "dtype": token_dtype(tok.vocab_size).name,
@@ -410,8 +467,13 @@ def _publish(tmp: Path, out: Path, fingerprint: str) -> None:
 
 def prepare_dataset(files, tokenizer: str, out_dir, val_fraction: float = 0.005, text_field: str = "text",
                     shard_tokens: int = DEFAULT_SHARD_TOKENS, progress: bool = True,
-                    exist_ok: bool = False) -> Path:
+                    exist_ok: bool = False, split: str | None = None, hf_config: str | None = None,
+                    hf_cache_dir: str | None = None) -> Path:
     """Tokenize ``files`` into ``out_dir`` (created; must not exist or be empty) and return its path.
+
+    ``files`` are paths (by suffix, see the module doc), saved HuggingFace dataset directories or
+    ``hf:NAME`` cached Hub datasets; ``split`` / ``hf_config`` / ``hf_cache_dir`` choose what of the
+    latter is read.
 
     With ``exist_ok``, an ``out_dir`` that already holds this exact dataset (same fingerprint) is
     reused as it is; anything else already there is an error either way.
@@ -420,8 +482,8 @@ def prepare_dataset(files, tokenizer: str, out_dir, val_fraction: float = 0.005,
         raise ConfigError(f"val_fraction = {val_fraction} must lie in (0, 1)")
     if shard_tokens <= 0:
         raise ConfigError(f"shard_tokens = {shard_tokens} must be positive")
-    out = Path(out_dir).expanduser().resolve()
-    sources = describe_sources(files)
+    out = check_output_dir(Path(out_dir).expanduser().resolve(), "data: output directory")
+    sources = describe_sources(files, text_field, split, hf_config, hf_cache_dir)
     tok = load_tokenizer(tokenizer)
     settings = {"val_fraction": float(val_fraction), "text_field": text_field, "shard_tokens": shard_tokens}
     fingerprint = dataset_fingerprint(sources, tok.fingerprint, settings)
@@ -450,4 +512,23 @@ def prepare_dataset(files, tokenizer: str, out_dir, val_fraction: float = 0.005,
         splits = ", ".join(f"{s} {w.num_tokens:,} tokens / {w.num_documents:,} docs"
                            for s, w in writers.items())
         print(f"prepared {out}: {splits} ({tok.spec})", file=sys.stderr)
+    warning = default_eval_warning(writers["val"].num_tokens, sum(w.num_tokens for w in writers.values()),
+                                   val_fraction)
+    if warning:
+        print(warning, file=sys.stderr)
     return out
+
+
+def default_eval_warning(val_tokens: int, total_tokens: int, val_fraction: float) -> str | None:
+    """The held-out warning against what one evaluation of the default proxy ``[train]`` settings
+    draws (the quick start's: 4 x 16 x 128 tokens); the run itself checks its own settings at start."""
+    from mutransfer.config import ProxyTrain
+    from mutransfer.data.heldout import short_heldout_warning, suggested_val_fraction
+
+    d = ProxyTrain()
+    seq_len = d.eval_seq_len or d.seq_len
+    wanted = d.eval_batches * d.eval_batch_size * seq_len
+    fix = (f"prepare with --val-fraction {suggested_val_fraction(total_tokens, wanted):.2g} (now {val_fraction:g}), "
+           "or evaluate less (train.eval_batches, train.eval_batch_size, train.eval_seq_len)")
+    return short_heldout_warning(val_tokens, d.eval_batches, d.eval_batch_size, seq_len,
+                                 "the default proxy [train] settings", fix)
