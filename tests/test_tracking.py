@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from full_scale.checkpoint import FAILPOINT_ENV
+from full_scale.config import load_run_config
 from mutransfer.cli import main
 from mutransfer.config import ConfigError, parse
 from mutransfer.rundir import read_jsonl
@@ -28,6 +29,7 @@ from mutransfer.tracking import TrackingSettings, check_installed, track_overrid
 from mutransfer.tracking.wandb_offline import offline_runs, read_offline_run
 from proxy_sweeps import storage as st
 from tests.test_faults import SHORT, SMOKE, TOTAL
+from tests.test_recipe_choices import XMODEL, plan_says, train_says
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -133,6 +135,32 @@ def test_train_refuses_an_unknown_backend_before_compute(tmp_path, capsys, args,
     assert main(["train", str(SMOKE), "--out", str(out), "--quiet", *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["metrics.tensorboard=true"], "metrics.tensorboard: replaced by the [tracking] table"),
+    (['tracking.backends=["comet"]'], "tracking.backends[0]: input should be 'tensorboard'"),
+])
+def test_plan_and_train_refuse_a_bad_tracking_table_alike(capsys, tmp_path, sets, message):
+    plan_rc, plan_err = plan_says(capsys, sets)
+    train_rc, train_err = train_says(capsys, tmp_path, sets)
+    assert (plan_rc, train_rc) == (2, 2)
+    assert message in plan_err and plan_err == train_err and "\n" not in plan_err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plan_accepts_the_tracking_table_train_also_checks_the_backend_is_installed(capsys, monkeypatch):
+    sets = ['tracking.backends=["tensorboard", "mlflow"]', 'tracking.project="xmodel25"']
+    plan_rc, plan_err = plan_says(capsys, sets)
+    assert plan_rc in (0, 1), plan_err  # 1: a stage does not fit, a verdict, not a refusal
+    assert load_run_config(XMODEL, sets).tracking.backends == ["tensorboard", "mlflow"]  # train's checks
+    # Whether a package is installed is this machine's, like the precision backend: plan (maybe on
+    # a laptop) accepts the table, train refuses before compute and names the extra.
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    plan_rc, plan_err = plan_says(capsys, sets)
+    assert plan_rc in (0, 1), plan_err
+    with pytest.raises(ConfigError, match=r'tensorboard package is not installed.*pip install -e "\.\[tensorboard\]"'):
+        load_run_config(XMODEL, sets)
 
 
 @pytest.mark.parametrize("command", ["train", "sweep", "transfer-check", "coord-check"])
