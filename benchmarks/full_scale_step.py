@@ -13,17 +13,18 @@ phase on one GPU, and writes everything to JSON.
     python benchmarks/full_scale_step.py --seq-len 16384 --micro-batch 1  # the long-context phase
     python benchmarks/full_scale_step.py --compile --checkpointing none full selective
     python benchmarks/full_scale_step.py --smoke                          # CPU: width 128, 2 layers
+    python benchmarks/full_scale_step.py --dry-run                        # CPU, seconds: width 64, 1 layer
 
-Never part of the tests (which run its smoke mode once).
+Beyond torch it needs pydantic and this repository on the path, nothing installed:
+``benchmarks/gpu_check.sh`` runs it on a machine that has torch only (benchmarks/README.md, "GPU
+check"). Never part of the tests, which run its dry-run mode through that launcher.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -35,7 +36,7 @@ from mutransfer.optim import build_optimizers
 from mutransfer.plan import count_params, flops_per_token
 from mutransfer.precision import PRECISIONS, available, check_checkpointing, check_dims, prepare_model
 from mutransfer.presets import at_width, get_preset
-from mutransfer.rundir import environment
+from mutransfer.rundir import environment, write_json
 from mutransfer.step import train_step
 from mutransfer.transformer_spec import transformer_spec
 
@@ -45,8 +46,11 @@ GIB = 2**30
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU smoke mode: small width, few steps")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, seconds: width 64, 1 layer, 64 tokens, 2 steps, no recomputation -- the whole path "
+                        "(imports, build, steps, JSON) on this machine, every backend's availability in the JSON")
     p.add_argument("--precisions", nargs="+", help=f"default: bf16 and every FP8 backend; from {PRECISIONS}")
-    p.add_argument("--checkpointing", nargs="+", default=["none", "full"], help="none | full | selective")
+    p.add_argument("--checkpointing", nargs="+", help="none | full | selective (default: none full; --dry-run: none)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (as [train] compile)")
     p.add_argument("--width", type=int, help="reduce d_model (head dim fixed, FFN 2.5 d)")
     p.add_argument("--layers", type=int, help="reduce the depth")
@@ -59,6 +63,13 @@ def parse_args(argv=None):
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: table by GPU name)")
     p.add_argument("--json", default="full_scale_step.json", help="where to write the results")
     args = p.parse_args(argv)
+    args.checkpointing = args.checkpointing or (["none"] if args.dry_run else ["none", "full"])
+    if args.dry_run:  # the smoke mode, smaller still
+        args.smoke = True
+        args.width = args.width or 64
+        args.layers = args.layers or 1
+        args.seq_len = 64 if args.seq_len == 3712 else args.seq_len
+        args.steps = min(args.steps, 2)
     if args.smoke:
         args.width = args.width or 128
         args.layers = args.layers or 2
@@ -187,13 +198,12 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(format_table(results, header))
-    out = {"mode": "smoke" if args.smoke else "full", "model": m.model_dump(), **counts,
+    out = {"mode": "dry-run" if args.dry_run else "smoke" if args.smoke else "full", "model": m.model_dump(), **counts,
            "flops_per_token": flops_per_token(shape, args.seq_len), "seq_len": args.seq_len,
            "micro_batch": args.micro_batch, "optimizer": args.optimizer, "compile": args.compile,
            "steps": args.steps, "peak_flops": peak_flops(device, args.peak_flops), "results": results,
            "environment": environment(1, str(device))}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    write_json(args.json, out)  # atomic: a killed run leaves the old file or none
     print(f"wrote {args.json}")
     return 0
 

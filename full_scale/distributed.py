@@ -52,7 +52,18 @@ def setup(device_setting: str) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=owns)
 
 
-def teardown(env: DistEnv) -> None:
+def teardown(env: DistEnv, finished: bool) -> None:
+    """Leave the run: after a finished run every rank waits for the others, then the group this code
+    made is destroyed.
+
+    The ranks do not end a run in step (rank 0 alone reads the metrics and writes the summary), and a
+    rank that destroys its gloo group, or whose caller does, while another is still busy can be
+    aborted at exit by gloo's transport threads ("terminate called without an active exception",
+    seen on a 2-process run under load). After an error there is no barrier: the other ranks may
+    never reach it, and torchrun ends them when this one exits.
+    """
+    if finished and env.distributed and dist.is_initialized():
+        dist.barrier()
     if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -57,10 +57,13 @@ def train(cfg: RunConfig, out: str | Path, quiet: bool = False, from_checkpoint:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     env = dist_utils.setup(cfg.train.device)
+    finished = False
     try:
-        return Trainer(cfg, Path(out), env, quiet, from_checkpoint, allow_changed_inputs).run()
+        summary = Trainer(cfg, Path(out), env, quiet, from_checkpoint, allow_changed_inputs).run()
+        finished = True
+        return summary
     finally:
-        dist_utils.teardown(env)
+        dist_utils.teardown(env, finished)
 
 
 class Trainer:

@@ -27,6 +27,7 @@ HP = HParams(lr=3e-3, init_std=0.05, weight_decay=0.1, alpha_out=2.5)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+@pytest.mark.numerical
 def test_every_nanogpt_parameter_gets_the_tables_lr_and_init():
     spec = nanogpt_spec(width=64)
     model = mt.make_model(spec, width=256, hparams=HP, seed=0)  # m = 4
@@ -50,6 +51,7 @@ def test_every_nanogpt_parameter_gets_the_tables_lr_and_init():
             assert role in ("norm_gain", "final_norm") and wd[name] == 0 and torch.all(p == 1)
 
 
+@pytest.mark.numerical
 def test_nanogpt_multipliers_are_hooks_with_the_tables_numbers():
     spec = nanogpt_spec(width=64)
     model = mt.make_model(spec, width=128, hparams=HP, seed=0)  # m = 2, depth 4 = base depth
@@ -148,6 +150,7 @@ def _fields(spec: ModelSpec) -> dict:
     return {f: getattr(spec, f) for f in spec.__dataclass_fields__}
 
 
+@pytest.mark.numerical
 def test_a_lock_frozen_on_a_spec_model_drives_the_users_own_loop(tmp_path):
     from mutransfer.lockfile import write_lock
     from mutransfer.plan import shape_from_config
@@ -171,6 +174,7 @@ def test_a_lock_frozen_on_a_spec_model_drives_the_users_own_loop(tmp_path):
         mt.apply_lock(nanogpt_spec(), builtin)
 
 
+@pytest.mark.numerical
 def test_a_spec_models_checkpoint_round_trips(tmp_path):
     """Hooks live on modules, so a state dict holds only the weights and loads into a fresh build."""
     spec = nanogpt_spec()
@@ -183,6 +187,7 @@ def test_a_spec_models_checkpoint_round_trips(tmp_path):
     torch.testing.assert_close(fresh(x)[0], model(x)[0], rtol=0, atol=0)
 
 
+@pytest.mark.numerical
 @pytest.mark.slow
 def test_a_spec_model_compiles_block_by_block_like_eager():
     """configure_model(compile=True) compiles each of the spec's blocks in place: same names, same loss

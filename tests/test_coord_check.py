@@ -126,6 +126,7 @@ def test_rule_lets_only_the_logits_shrink_after_the_first_update():
     assert fit_slope(torch.tensor([64.0, 128, 256]).numpy(), torch.tensor([1.0, 2, 4]).numpy()) == pytest.approx(1.0)
 
 
+@pytest.mark.numerical
 def test_recorder_matches_mup_get_coord_data():
     """Same model, data, seed and optimizer: this tool's l1 per module and step equals mup's."""
     from mup.coord_check import get_coord_data

@@ -268,6 +268,7 @@ def test_fp8_emulated_tracks_fp32(smoke, tmp_path):
     assert rows[19]["loss"] != ref[19]["loss"]  # it did run in (emulated) FP8
 
 
+@pytest.mark.numerical
 def test_benchmark_smoke_mode(tmp_path):
     """benchmarks/full_scale_step.py runs on CPU and writes its JSON (unavailable backends: skipped)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -48,6 +48,7 @@ def mup_init_std(p: torch.Tensor) -> float:
     return HP.init_std * (p.infshape.width_mult() ** -0.5 if p.infshape.ninf() == 2 else 1.0)
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("width", [64, 128, 256, 512])
 def test_llama_lr_and_init_per_parameter_equal_mups(width):
     spec = llama_spec()
@@ -72,6 +73,7 @@ def test_llama_lr_and_init_per_parameter_equal_mups(width):
     assert all(lr[n] == pytest.approx(HP.lr * BASE / width) for n in hidden)  # eta/m, m = width / 64
 
 
+@pytest.mark.numerical
 def test_llama_logits_equal_mup_readouts_from_the_same_weights():
     width = 256
     spec = llama_spec()
@@ -126,6 +128,7 @@ def mup_llama_unshaped(width: int, depth: int):
     return model
 
 
+@pytest.mark.numerical
 def test_a_model_written_for_mup_is_used_as_it_is():
     """Roles read from its shapes (mup's base and delta widths), no logit hook (MuReadout divides by
     width_mult itself): per-parameter LR equal to MuAdamW's on the same model, and its logits are

@@ -35,6 +35,8 @@ from mutransfer.presets import at_width, get_preset
 from mutransfer.training import train_proxy
 from mutransfer.transformer_spec import ROLE_MAP, transformer_spec
 
+pytestmark = pytest.mark.numerical  # compares kernel outputs with tolerances: CI runs it twice
+
 TINY = get_preset("tiny")
 SPEC = transformer_spec(TINY.model)
 

@@ -15,6 +15,8 @@ from mutransfer.model import CHECKPOINT_POLICIES, DEFAULT_LOSS_CHUNK_TOKENS, Blo
 from mutransfer.precision import autocast, prepare_model
 from mutransfer.presets import get_preset
 
+pytestmark = pytest.mark.numerical  # compares kernel outputs with tolerances: CI runs it twice
+
 torch.set_num_threads(1)
 
 

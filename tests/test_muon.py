@@ -17,6 +17,8 @@ from mutransfer.optim import build_optimizers
 from mutransfer.presets import get_preset
 from mutransfer.transformer_spec import transformer_spec
 
+pytestmark = pytest.mark.numerical  # compares kernel outputs with tolerances: CI runs it twice
+
 
 def one_step(fuse: bool, seed: int = 0):
     shape = get_preset("tiny")

@@ -96,7 +96,8 @@ REL = 1e-12
 NORM_ROLES = (Role.NORM_GAIN, Role.FINAL_NORM)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+              pytest.mark.numerical]  # compares kernel outputs: CI runs it twice (pyproject.toml)
 
 
 def width_mult(width: int) -> float:

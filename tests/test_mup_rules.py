@@ -34,7 +34,8 @@ TINY_ROLES = {*BLOCK, *OUTSIDE}  # the roles the built-in Transformer has
 ADAMW_ROLES = {"adamw": TINY_ROLES, "muon": {*OUTSIDE, Role.NORM_GAIN.value}}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
+              pytest.mark.numerical]  # compares kernel outputs: CI runs it twice (pyproject.toml)
 
 
 @pytest.fixture(scope="module")

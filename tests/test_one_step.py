@@ -19,6 +19,8 @@ from mutransfer.presets import get_preset
 from mutransfer.step import Diverged, DivergenceGuard
 from mutransfer.training import train_proxy
 
+pytestmark = pytest.mark.numerical  # compares kernel outputs with tolerances: CI runs it twice
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "full_scale" / "smoke.hparams.lock.json"
 

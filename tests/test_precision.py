@@ -24,6 +24,8 @@ from mutransfer.precision import (
 from mutransfer.precision.fp8_emulated import E4M3, E5M2, GRAD_OUTPUT, INPUT, WEIGHT, delayed_scale, quantize
 from mutransfer.presets import get_preset
 
+pytestmark = pytest.mark.numerical  # compares kernel outputs with tolerances: CI runs it twice
+
 LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # trains for real in two processes
+pytestmark = [pytest.mark.slow, pytest.mark.numerical]  # trains for real in two processes; 1 vs 2 ranks
 pytest.importorskip("transformers", reason='HuggingFace transformers: pip install "mutransfer[hf]"')
 
 ROOT = Path(__file__).resolve().parents[1]
