@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from mutransfer.tracking.settings import TRACK_HELP, track_override
+
 HELP_SET = ("override a config value, e.g. optimizer.switch=false, train.precision=bf16, "
             "stages.decay.steps=10 (a list of tables is indexed by position or by name); repeatable")
 
@@ -35,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--allow-changed-inputs", action="store_true",
                    help="resume although the config, lock or data differ from the checkpoint's (recorded in "
                         "events.jsonl)")
+    p.add_argument("--track", metavar="BACKENDS", help=TRACK_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -56,7 +59,8 @@ def run(args) -> int:
     from mutransfer.step import Diverged
 
     out = check_output_dir(Path(args.out) if args.out else Path("runs") / Path(args.config).stem)
-    cfg = load_run_config(args.config, args.overrides, args.hparams)
+    overrides = [*args.overrides, *([track_override(args.track)] if args.track is not None else [])]
+    cfg = load_run_config(args.config, overrides, args.hparams)
     check_fits_machine(cfg.shape, share=machine_share(cfg.parallel.mode))
     try:
         summary = train(cfg, out, quiet=args.quiet, from_checkpoint=args.from_checkpoint,

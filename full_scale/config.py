@@ -4,10 +4,12 @@ The tables and their one validation are ``mutransfer.run_config``'s (``mutransfe
 same checks, so a config one accepts the other accepts): ``[model]`` and ``[param]`` (as ``plan``
 reads them; ``[param]`` is optional and then comes from the lock file), ``[[stages]]``,
 ``[optimizer]`` and ``[data]`` (mutransfer.stages), ``[train]`` (``FullTrain``: the proxy run's
-settings plus the lock path), ``[parallel]``, ``[checkpoint]``, ``[metrics]``, ``[transfer]`` and
-``[residual]``. Hyperparameters never come from the config: they come from the lock file
-(``--hparams`` or ``train.hparams``), checked against the target; ``[residual]`` names the residual
-multipliers the run keeps whatever the lock (the recipe's choice, shown beside the lock's).
+settings plus the lock path), ``[parallel]``, ``[checkpoint]``, ``[metrics]``, ``[transfer]``,
+``[residual]`` and ``[tracking]`` (mutransfer.tracking: experiment trackers fed besides the files;
+``--track`` overrides its backends). Hyperparameters never come from the config: they come from
+the lock file (``--hparams`` or ``train.hparams``), checked against the target; ``[residual]``
+names the residual multipliers the run keeps whatever the lock (the recipe's choice, shown beside
+the lock's).
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from mutransfer.run_config import (
     section,
 )
 from mutransfer.stages import StagePlan
+from mutransfer.tracking import TrackingSettings, check_installed
 
 __all__ = ["TOP_LEVEL", "NOT_TRAJECTORY", "CONFIG_TABLES", "RunConfig", "load_run_config", "lock_path_of",
            "main_batch", "FullTrain", "ParallelSettings", "CheckpointSettings", "MetricsSettings", "DataSettings",
            "ResidualSettings"]
 
 # Tables that do not change the trajectory: a run may resume with them changed.
-NOT_TRAJECTORY = ("checkpoint", "metrics")
+NOT_TRAJECTORY = ("checkpoint", "metrics", "tracking")
 
 # The full-scale config's own tables, for ``mutransfer schema`` (entry point ``mutransfer.configs``).
 CONFIG_TABLES = ("Full-scale config (mutransfer train)",
@@ -67,6 +70,7 @@ class RunConfig:
     data: DataSettings
     transfer: TransferCorrection
     residual: ResidualSettings
+    tracking: TrackingSettings
     hparams: HParams  # the lock's, with [residual]'s multipliers and the fitted laws' LR when asked
     lr_correction: dict  # mutransfer.laws.correction: the factor on the base LR and its terms
 
@@ -113,6 +117,7 @@ class RunConfig:
             "parallel": self.parallel.model_dump(),
             "checkpoint": self.checkpoint.model_dump(),
             "metrics": self.metrics.model_dump(),
+            "tracking": self.tracking.model_dump(),
             "data": self.data.model_dump() | {"val": self.val_spec},
             "optimizer": self.stages.switch.model_dump() | {
                 "restart_resolved": self.stages.switch.restart_for(self.shape.param.parametrization),
@@ -133,7 +138,8 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     shape = shape_from_config(raw, Path(path).name, param_default=lock.param)
     check_lock_matches(lock, shape)
     run = check_run(raw, shape, lock)
+    check_installed(run.tracking)  # this machine's: plan leaves it to the trainer, like the precision backend
     return RunConfig(raw=raw, path=str(path), overrides=tuple(overrides), shape=shape, lock=lock,
                      lock_path=str(lock_path), stages=run.stages, train=run.train, parallel=run.parallel,
                      checkpoint=run.checkpoint, metrics=run.metrics, data=run.data, transfer=run.transfer,
-                     residual=run.residual, hparams=run.hparams, lr_correction=run.lr_correction)
+                     residual=run.residual, tracking=run.tracking, hparams=run.hparams, lr_correction=run.lr_correction)

@@ -98,7 +98,7 @@ class Trainer:
             kind = saved["optimizer"]
         self.finished = self.state["step"] >= cfg.stages.total_steps
         if self.finished:  # nothing to train, and nothing of the finished run is rewritten
-            self.metrics = MetricsWriter(out, False, self.state["step"], False)
+            self.metrics = MetricsWriter(out, False, self.state["step"])
             return
         self.mixtures = {s.name: Mixture(s.mixture, self.datasets, cfg.train.data_seed) for s in cfg.stages.stages}
         rows = cfg.train.eval_micro_batch or cfg.train.eval_batch_size  # evaluation runs in micro-batches
@@ -120,7 +120,8 @@ class Trainer:
             checkpoint.load(self.resumed_from, env, self.inner, self.opts)
             self.guard.load_state_dict(saved.get("divergence", {}))
         self._write_run_files()
-        self.metrics = MetricsWriter(out, env.is_main, self.state["step"], cfg.metrics.tensorboard)
+        self.metrics = MetricsWriter(out, env.is_main, self.state["step"], cfg.tracking,
+                                     run=(out.resolve().name, Path(cfg.path).stem, cfg.to_json()))
         for path, why in self.skipped:
             self.metrics.event(self.state["step"], "checkpoint_skipped", path=path, why=why)
         self.peak = peak_flops(env.device, cfg.metrics.peak_flops)

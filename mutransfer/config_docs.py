@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from mutransfer.config import HParams, ModelConfig, ParamConfig, ProxyTrain, SpecModel, TrainSettings
 from mutransfer.coord_config import CoordConfig
 from mutransfer.stages import LRSpec, PhaseTable, SourceTable, StageTable, SwitchSpec
+from mutransfer.tracking.settings import TrackingSettings
 
 # The core's own tables; the outer packages add theirs through the entry points.
 CORE_TABLES = [
@@ -33,6 +34,7 @@ CORE_TABLES = [
     ("[[stages]].mixture, [data].mixture entries", SourceTable),
     ("[optimizer] (a full-scale run)", SwitchSpec),
     ("coord-check options (flags and --set)", CoordConfig),
+    ("[tracking] (train, sweep, transfer-check; coord-check: --set tracking.KEY=VALUE)", TrackingSettings),
 ]
 
 

@@ -337,9 +337,10 @@ class InRunProgress:
 
 
 def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], None] | None = None,
-                    progress_interval: float = PROGRESS_INTERVAL_S,
-                    clock: Callable[[], float] = time.monotonic) -> list[dict]:
-    """Train the preset at every width and seed for ``cfg.steps`` steps; all records, in order."""
+                    progress_interval: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                    on_run: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
+    """Train the preset at every width and seed for ``cfg.steps`` steps; all records, in order.
+    ``on_run(base, rows)``: called after each (width, seed) run with its columns and its records."""
     from mutransfer.specs import spec_of
 
     cfg = cfg.resolved()
@@ -356,14 +357,15 @@ def run_coord_check(cfg: CoordConfig, dataset=None, progress: Callable[[str], No
     return spec_records(spec_of(shapes[0].model), points, shapes[0].param, cfg.hparams(), batches,
                         optimizer=cfg.optimizer, precision=cfg.precision, seeds=cfg.seeds, device=cfg.device,
                         grad_clip=cfg.grad_clip, update_tokens=cfg.update_tokens, axis=cfg.axis, progress=progress,
-                        progress_interval=progress_interval, clock=clock)
+                        progress_interval=progress_interval, clock=clock, on_run=on_run)
 
 
 def spec_records(spec: ModelSpec, points: list[tuple[int, int]], param, hp, batches, *, optimizer: str = "adamw",
                  precision: str = "fp32", seeds: int = 3, device: str = "cpu", grad_clip: float = 0.0,
                  update_tokens: int = 64, axis: str = "width",
                  progress: Callable[[str], None] | None = None, progress_interval: float = PROGRESS_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> list[dict]:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_run: Callable[[dict, list[dict]], None] | None = None) -> list[dict]:
     """Train ``spec``'s model at every (width, depth) point and seed on ``batches`` (one step each,
     already on ``device``), recording every step; all records, in order.
 
@@ -392,6 +394,8 @@ def spec_records(spec: ModelSpec, points: list[tuple[int, int]], param, hp, batc
                 rows = record_training(model, opt, batches, base, precision, grad_clip, torch.device(device).type,
                                        update_tokens, spec=spec, on_step=None if ticker is None else ticker.step)
                 records.extend(rows)
+                if on_run is not None:
+                    on_run(base, rows)
                 done += 1
                 if ticker is not None:
                     losses = [r["value"] for r in rows if r["kind"] == "loss"]

@@ -23,6 +23,7 @@ from mutransfer.config import (
     updated,
 )
 from mutransfer.presets import get_preset
+from mutransfer.tracking.settings import TrackingSettings
 
 # Default base LR per optimizer, applied from step 0 with no warmup, so every step of the check
 # moves the weights more than the same step of a training run, which warms up (RECIPE section 6:
@@ -61,6 +62,7 @@ class CoordConfig(Config):
     update_tokens: NonNegInt = 64  # tokens of the batch on which dW x is measured (evenly spaced); 0: all
     threshold: Annotated[float, Field(gt=0, lt=10)] = 0.1
     device: str = "cpu"
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)  # a tracker run per width (depth) and seed
 
     @model_validator(mode="after")
     def _check(self) -> CoordConfig:

@@ -9,8 +9,10 @@ global batch against the real number of ranks (``plan`` checks it against ``--wo
 
 Tables: ``[model]`` and ``[param]`` (``mutransfer.plan.shape_from_config``), ``[[stages]]``,
 ``[optimizer]`` and ``[data]`` (``mutransfer.stages``), ``[train]`` (``FullTrain``),
-``[parallel]``, ``[checkpoint]``, ``[metrics]``, ``[transfer]`` (``mutransfer.laws``) and
-``[residual]`` (``ResidualSettings``). The base hyperparameters come from the lock file, never
+``[parallel]``, ``[checkpoint]``, ``[metrics]``, ``[transfer]`` (``mutransfer.laws``),
+``[residual]`` (``ResidualSettings``) and ``[tracking]`` (``mutransfer.tracking``: experiment
+trackers fed besides the files; whether a chosen tracker's package is installed here is the
+trainer's check, like the precision backend's). The base hyperparameters come from the lock file, never
 from the config, except the residual multipliers that ``[residual]`` names: those are the run's
 choice, and the lock's value beside them is shown, never dropped unseen.
 """
@@ -39,9 +41,10 @@ from mutransfer.config import (
 )
 from mutransfer.laws import TransferCorrection, corrected, correction
 from mutransfer.stages import StagePlan, parse_stages, phase_where
+from mutransfer.tracking.settings import TrackingSettings
 
 TOP_LEVEL = ("model", "param", "stages", "optimizer", "data", "train", "parallel", "checkpoint", "metrics",
-             "transfer", "residual")
+             "transfer", "residual", "tracking")
 
 
 class FullTrain(TrainSettings):
@@ -65,7 +68,6 @@ class CheckpointSettings(Config):
 
 class MetricsSettings(Config):
     peak_flops: PosFloat | None = None  # per device, for MFU; default from the device table
-    tensorboard: bool = True  # when the tensorboard package is installed
     progress: bool = True  # progress bar on stderr (rank 0)
 
 
@@ -128,6 +130,7 @@ class CheckedRun:
     data: DataSettings
     transfer: TransferCorrection
     residual: ResidualSettings
+    tracking: TrackingSettings
     stages: StagePlan
     hparams: HParams  # the lock's, with [residual]'s multipliers and the fitted laws' LR when asked
     lr_correction: dict  # mutransfer.laws.correction: the factor on the base LR and its terms
@@ -186,10 +189,13 @@ def check_run(raw: dict, shape: RunShape, lock, hp: HParams | None = None) -> Ch
     from mutransfer.precision import check_dims
     from mutransfer.tokenizer import check_model_vocab
 
+    if isinstance(raw.get("metrics"), dict) and "tensorboard" in raw["metrics"]:
+        raise ConfigError("metrics.tensorboard: replaced by the [tracking] table; use tracking.backends = "
+                          '["tensorboard"] (or --track tensorboard)')
     tables = {name: section(cls, raw, name) for name, cls in (
         ("train", FullTrain), ("parallel", ParallelSettings), ("checkpoint", CheckpointSettings),
         ("metrics", MetricsSettings), ("data", DataSettings), ("transfer", TransferCorrection),
-        ("residual", ResidualSettings))}
+        ("residual", ResidualSettings), ("tracking", TrackingSettings))}
     train = tables["train"]
     check_model_vocab(shape.model)
     check_dims(shape.model, train.precision)

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from mutransfer.tracking.settings import TRACK_HELP, track_override
+
+
+def _overrides(args) -> list[str]:
+    """``--set`` assignments, with ``--track`` as the last (it wins over the file and ``--set``)."""
+    return [*args.overrides, *([track_override(args.track)] if args.track is not None else [])]
+
 
 def register_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="run (or continue) an Optuna sweep of a proxy's base hyperparameters")
@@ -21,6 +28,7 @@ def register_sweep(sub) -> None:
                    help="override a value of the sweep file, e.g. train.steps=60 or sampler.kind=random (repeatable)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="continue a study although its data changed since its trials ran (recorded in the study)")
+    p.add_argument("--track", metavar="BACKENDS", help=TRACK_HELP + " (a tracker run per trial)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_run_sweep)
 
@@ -34,7 +42,7 @@ def _run_sweep(args) -> int:
 
             return run_sweep(args.file, args.out, storage=args.storage, workers=args.workers, trials=args.trials,
                              study_name=args.study, gpus_per_trial=args.gpus_per_trial, quiet=args.quiet,
-                             threads=args.threads, overrides=args.overrides,
+                             threads=args.threads, overrides=_overrides(args),
                              allow_data_change=args.allow_data_change)
     except Stopped as e:  # before run_sweep caught stops itself (or after it returned): nothing to export
         print(f"stopped by signal {e.signum} outside the sweep's run; nothing exported", file=sys.stderr)
@@ -96,6 +104,7 @@ def register_transfer_check(sub) -> None:
                    help="override a value of the file, e.g. train.steps=60 (repeatable)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="continue a directory although its data changed since its runs")
+    p.add_argument("--track", metavar="BACKENDS", help=TRACK_HELP + " (a tracker run per grid point)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_run_transfer)
 
@@ -111,5 +120,5 @@ def _run_transfer(args) -> int:
                                seeds=args.seeds, allow_data_change=args.allow_data_change)
     from proxy_sweeps.transfer import run_transfer_check
 
-    return run_transfer_check(args.file, args.out, workers=args.workers, quiet=args.quiet, overrides=args.overrides,
+    return run_transfer_check(args.file, args.out, workers=args.workers, quiet=args.quiet, overrides=_overrides(args),
                               seeds=args.seeds, allow_data_change=args.allow_data_change)

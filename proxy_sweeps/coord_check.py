@@ -19,6 +19,9 @@ from mutransfer.coord_config import DEFAULT_LR, CoordConfig
 from mutransfer.model_size import check_fits_machine
 from mutransfer.rundir import ENVIRONMENT_FILE, check_output_dir, environment, write_json
 from mutransfer.tokenizer import check_model_vocab
+from mutransfer.tracking import Tracking, check_installed
+from mutransfer.tracking import prepare as prepare_tracking
+from mutransfer.tracking.settings import TRACK_HELP, track_override
 
 
 def _ints(text: str) -> list[int]:
@@ -71,6 +74,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default 0: the cores not already busy, judged by the load average)")
     p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument("--track", metavar="BACKENDS", help=TRACK_HELP + " (a tracker run per width or depth and seed)")
     p.set_defaults(func=run)
 
 
@@ -79,8 +83,9 @@ def config_from_args(args) -> CoordConfig:
     raw = {"preset": args.preset, **{k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}}
     if args.stream_data:
         raw["fix_data"] = False
-    apply_overrides(raw, args.overrides)
+    apply_overrides(raw, [*args.overrides, *([track_override(args.track)] if args.track is not None else [])])
     cfg = parse(CoordConfig, raw, "coord-check").resolved()
+    check_installed(cfg.tracking)
     cfg.check_device()
     shapes = cfg.shapes()
     check_model_vocab(shapes[0].model)  # every width has the same vocabulary
@@ -171,9 +176,18 @@ def run(args) -> int:
         print(f"[coord-check {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     params = [cfg.param] + ([args.compare] if args.compare else [])
+    prepare_tracking(cfg.tracking, out)
+
+    def track(base: dict, rows: list[dict]) -> None:
+        if cfg.tracking.backends:
+            with Tracking(cfg.tracking, out) as tracking:
+                tracking.start(run_name(base), out.resolve().name, {**config_of(cfg), **base})
+                for step, metrics in curves(rows).items():
+                    tracking.log(metrics, step)
+
     records = []
     for param in params:
-        records += run_coord_check(cfg.model_copy(update={"param": param}), dataset, progress)
+        records += run_coord_check(cfg.model_copy(update={"param": param}), dataset, progress, on_run=track)
     pd.DataFrame.from_records(records).to_parquet(out / "coord.parquet", index=False)
     result = judge(out)
     draw(out)
@@ -183,6 +197,24 @@ def run(args) -> int:
         _print_failures(result)
     print(f"wrote {out}/coord.parquet, verdict.json, coord.png ({time.perf_counter() - start:.1f}s)")
     return 0 if result["passed"] else 1
+
+
+def run_name(base: dict) -> str:
+    """One run's tracker name, e.g. ``mup-width256-seed1``."""
+    return f"{base['param']}-{base['axis']}{base[base['axis']]}-seed{base['seed']}"
+
+
+def config_of(cfg: CoordConfig) -> dict:
+    return cfg.model_dump(exclude={"tracking"}) | {"hparams": cfg.hparams().model_dump()}
+
+
+def curves(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """Step -> ``loss`` and ``<statistic>/<kind>``: the mean over the kind's modules (one run's rows)."""
+    sums: dict[int, dict[str, list[float]]] = {}
+    for r in rows:
+        name = "loss" if r["kind"] == "loss" else f"{r['statistic']}/{r['kind']}"
+        sums.setdefault(r["step"], {}).setdefault(name, []).append(r["value"])
+    return {step: {k: sum(v) / len(v) for k, v in by_name.items()} for step, by_name in sorted(sums.items())}
 
 
 def _print_failures(result: dict) -> None:

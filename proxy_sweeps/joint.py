@@ -63,12 +63,14 @@ from mutransfer.rundir import (
 )
 from mutransfer.specs import at_depth, at_width
 from mutransfer.tokenizer import check_model_vocab
+from mutransfer.tracking import TrackingSettings, check_installed
+from mutransfer.tracking import prepare as prepare_tracking
 from proxy_sweeps.joint_config import JointSettings, RunPoint
 from proxy_sweeps.processes import Stopped, stops_raised
 from proxy_sweeps.transfer import RUNS_FILE, Variant, _run_chains, done_keys
 from proxy_sweeps.transfer_verdict import losses_table
 
-TABLES = ("joint", "proxy", "target", "model", "param", "data", "train", "hparams")
+TABLES = ("joint", "proxy", "target", "model", "param", "data", "train", "hparams", "tracking")
 PROXY, TARGET = 0, 1
 SIDES = {PROXY: "proxy", TARGET: "target"}
 FIGURE = "joint.png"
@@ -78,10 +80,10 @@ class JointSpec:
     """The check's two sides, duck-typed for the transfer check's grid workers (``transfer._chain``)."""
 
     def __init__(self, settings: JointSettings, shape: RunShape, data: str, train: ProxyTrain, hparams: HParams,
-                 raw: dict, points: dict[int, RunPoint], lock: Lock | None):
+                 raw: dict, points: dict[int, RunPoint], lock: Lock | None, tracking: TrackingSettings):
         self.settings, self.shape, self.data, self.train, self.hparams, self.raw = \
             settings, shape, data, train, hparams, raw
-        self.points, self.lock = points, lock
+        self.points, self.lock, self.tracking = points, lock, tracking
 
     @property
     def measured_proxy(self) -> bool:
@@ -156,6 +158,8 @@ def spec_from_mapping(data: dict, where: str = "joint-check file") -> JointSpec:
         raise ConfigError("target: a joint check needs a [target] table (the width, depth, steps and batch_size "
                           "to predict)")
     settings = parse(JointSettings, data.get("joint"), "joint")
+    tracking = parse(TrackingSettings, data.get("tracking"), "tracking")
+    check_installed(tracking)
     lock = read_lock(settings.lock) if settings.lock else None
     hp_table = data.get("hparams", {})
     if not isinstance(hp_table, dict):
@@ -181,7 +185,8 @@ def spec_from_mapping(data: dict, where: str = "joint-check file") -> JointSpec:
     train = parse(ProxyTrain, data.get("train"), "train")
     points = {PROXY: parse(RunPoint, data.get("proxy"), "proxy"), TARGET: parse(RunPoint, data.get("target"), "target")}
     spec = JointSpec(settings=settings, shape=shape, data=data_table.get("spec", "builtin"), train=train,
-                     hparams=lock.hparams if lock else hparams_from(hp_table), raw=data, points=points, lock=lock)
+                     hparams=lock.hparams if lock else hparams_from(hp_table), raw=data, points=points, lock=lock,
+                     tracking=tracking)
     variant = spec.variants[0]
     if lock is not None:
         check_lock_matches(lock, spec.shape_at(variant, TARGET))
@@ -384,7 +389,7 @@ def format_verdict(verdict: dict) -> str:
 def _definition(spec: JointSpec) -> dict:
     """What must not change between runs into one directory: everything but the seed count (and the
     lock's contents, which set every hyperparameter but the LR)."""
-    raw = {k: v for k, v in spec.raw.items() if k != "joint"}
+    raw = {k: v for k, v in spec.raw.items() if k not in ("joint", "tracking")}
     raw["joint"] = {k: v for k, v in spec.raw.get("joint", {}).items() if k != "seeds"}
     if spec.lock is not None:
         raw["lock_content_hash"] = spec.lock.content_hash
@@ -435,7 +440,9 @@ def run_joint_check(path, out_dir, workers: int = 1, quiet: bool = False, overri
                 chains.append((side, seed, todo))
     total = sum(len(spec.grid_of(side)) for side in spec.sides) * s.seeds
     threads = max(1, cpu_count() // workers)
-    tasks = [(str(out), spec.raw, variant.model_dump(), side, seed, todo, threads, spec_from_mapping)
+    prepare_tracking(spec.tracking, out)  # e.g. MLflow's database, once, before the workers open runs in it
+    tasks = [(str(out), spec.raw, variant.model_dump(), side, seed, todo, threads, Path(path).stem,
+              spec_from_mapping)
              for side, seed, todo in chains]
     start, finished = time.perf_counter(), total - sum(len(c[2]) for c in chains)
     if not quiet:

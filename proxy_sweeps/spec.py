@@ -13,6 +13,8 @@ NaN/inf and out-of-range numbers fail before any compute, naming the field):
     [sampler]    kind = tpe | random | cmaes | grid | gp, seed, n_startup_trials, multivariate
     [pruner]     kind = hyperband | median | none, and their settings
     [search.X]   low/high (+ log, step) or choices, for X an HParams field or train.warmup
+    [tracking]   experiment trackers fed a run per trial (mutransfer.tracking); not part of the
+                 study's definition, so it may change between invocations
 
 The raw mapping is kept next to the parsed spec so a worker process re-parses the very same file
 (config.json) and a re-run can tell whether the study's definition changed.
@@ -46,8 +48,10 @@ from mutransfer.config import (
 from mutransfer.model_size import check_fits_machine
 from mutransfer.plan import shape_from_config
 from mutransfer.tokenizer import check_model_vocab
+from mutransfer.tracking import TrackingSettings, check_installed
 
-TABLES = ("sweep", "model", "param", "data", "train", "hparams", "objective", "sampler", "pruner", "search")
+TABLES = ("sweep", "model", "param", "data", "train", "hparams", "objective", "sampler", "pruner", "search",
+          "tracking")
 SAMPLERS = ("tpe", "random", "cmaes", "grid", "gp")
 PRUNERS = ("hyperband", "median", "none")
 # Schedule fields a sweep may search besides the HParams fields; they belong to the proxy's budget,
@@ -141,9 +145,10 @@ class SweepSpec:
 
     def __init__(self, sweep: SweepSettings, shape: RunShape, data: DataSpec, train: ProxyTrain, hparams: HParams,
                  objective: ObjectiveSpec, sampler: SamplerSpec, pruner: PrunerSpec,
-                 search: tuple[NamedSearchParam, ...], raw: dict):
+                 search: tuple[NamedSearchParam, ...], raw: dict, tracking: TrackingSettings | None = None):
         self.sweep, self.shape, self.data, self.train, self.hparams = sweep, shape, data, train, hparams
         self.objective, self.sampler, self.pruner, self.search, self.raw = objective, sampler, pruner, search, raw
+        self.tracking = tracking or TrackingSettings()
 
     @property
     def preset(self) -> str | None:
@@ -159,9 +164,9 @@ class SweepSpec:
 
 
 def definition_hash(raw: dict) -> str:
-    """Hash of everything that defines the study except its trial budget and retry settings; ``raw``
-    is a spec's mapping (also as config.json keeps it)."""
-    body = {k: v for k, v in raw.items() if k != "sweep"}
+    """Hash of everything that defines the study except its trial budget, retry and tracking settings;
+    ``raw`` is a spec's mapping (also as config.json keeps it)."""
+    body = {k: v for k, v in raw.items() if k not in ("sweep", "tracking")}
     body["sweep"] = {k: v for k, v in raw.get("sweep", {}).items() if k == "name"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -204,12 +209,14 @@ def spec_from_mapping(data: dict, where: str = "sweep file") -> SweepSpec:
             raise ConfigError("sampler.kind = 'cmaes' needs the 'cmaes' package (pip install cmaes)") from e
     pruner = parse(PrunerSpec, data.get("pruner"), "pruner")
     search = _search(_table(data, "search"), data, train, hparams)
+    tracking = parse(TrackingSettings, data.get("tracking"), "tracking")
+    check_installed(tracking)
     if sampler.kind == "grid":
         for p in search:
             if p.choices is None:
                 raise ConfigError(f"search.{p.name}: sampler.kind = 'grid' needs choices for every parameter")
     return SweepSpec(sweep=sweep, shape=shape, data=data_spec, train=train, hparams=hparams,
-                     objective=objective, sampler=sampler, pruner=pruner, search=search, raw=data)
+                     objective=objective, sampler=sampler, pruner=pruner, search=search, raw=data, tracking=tracking)
 
 
 def _search(table: dict, data: dict, train: ProxyTrain, hparams: HParams) -> tuple[NamedSearchParam, ...]:
@@ -265,6 +272,7 @@ def resolved(spec: SweepSpec) -> dict:
         "sampler": spec.sampler.model_dump(),
         "pruner": spec.pruner.model_dump(),
         "search": {p.name: p.model_dump(exclude={"name"}, exclude_none=True) for p in spec.search},
+        "tracking": spec.tracking.model_dump(),
     }
 
 

@@ -26,6 +26,7 @@ import optuna
 
 from mutransfer.config import ConfigError
 from mutransfer.rundir import cpu_count, environment, pick_device, write_json
+from mutransfer.tracking import prepare as prepare_tracking
 from proxy_sweeps import storage as st
 from proxy_sweeps.budget import account
 from proxy_sweeps.processes import MainStops, Stopped
@@ -134,6 +135,7 @@ def prepare(spec_path, out_dir, storage=None, trials=None, study_name=None, over
     held = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(store, include_best_trial=False)}
     check_outputs(out, name, spec.definition_hash(), st.redact(url), held.get(name))
     study = create_or_check(spec, url, name, store, dataset.fingerprint, allow_data_change)
+    prepare_tracking(spec.tracking, out)  # e.g. MLflow's database, once, before the workers open runs in it
     with st.budget_lock(url, store, name):
         invocation = record_invocation(study, workers)
     cfg = {

@@ -20,8 +20,11 @@ larger LRs are recorded as diverged without training. Fits, intervals and the ve
 ``proxy_sweeps.transfer_verdict``; the figure: ``analysis.transfer``.
 
 File layout: [transfer] (``TransferSettings``), then [model], [param], [data], [train], [hparams]
-as in a sweep file (the grid sets the LR, so hparams.lr may not be given). A file with a [target]
-table instead is a joint check (``proxy_sweeps.joint``), run on this module's workers.
+as in a sweep file (the grid sets the LR, so hparams.lr may not be given), and [tracking]
+(mutransfer.tracking; not part of the definition): each run that trains is one tracker run, named
+by its grid point and grouped by the file's name, with ``loss`` per step and ``val_loss`` per
+evaluation. A file with a [target] table instead is a joint check (``proxy_sweeps.joint``), run on
+this module's workers.
 """
 
 from __future__ import annotations
@@ -65,12 +68,14 @@ from mutransfer.rundir import (
 )
 from mutransfer.specs import at_depth, at_width
 from mutransfer.tokenizer import check_model_vocab
+from mutransfer.tracking import Tracking, TrackingSettings, check_installed
+from mutransfer.tracking import prepare as prepare_tracking
 from mutransfer.training import Diverged, train_proxy
 from proxy_sweeps.joint_config import CONFIG_TABLES as JOINT_CONFIG_TABLES
 from proxy_sweeps.joint_config import is_joint
 from proxy_sweeps.processes import Stopped, stops_raised, watch_parent
 
-TABLES = ("transfer", "model", "param", "data", "train", "hparams")
+TABLES = ("transfer", "model", "param", "data", "train", "hparams", "tracking")
 RUNS_FILE = "runs.jsonl"
 AXES = ("width", "depth", "steps", "batch_size")
 # Octaves the optimum may move (width, depth: its drift over the span; horizon, batch: the fitted
@@ -165,9 +170,10 @@ class Variant(Config):
 
 class TransferSpec:
     def __init__(self, settings: TransferSettings, shape: RunShape, data: str, train: ProxyTrain, hparams: HParams,
-                 raw: dict):
+                 raw: dict, tracking: TrackingSettings | None = None):
         self.settings, self.shape, self.data, self.train, self.hparams, self.raw = \
             settings, shape, data, train, hparams, raw
+        self.tracking = tracking or TrackingSettings()
 
     @property
     def grid(self) -> list[float]:
@@ -260,8 +266,10 @@ def spec_from_mapping(data: dict, where: str = "transfer file") -> TransferSpec:
     if not isinstance(data_table, dict) or sorted(set(data_table) - {"spec"}):
         raise ConfigError("data: expected a table with only 'spec'")
     train = parse(ProxyTrain, data.get("train"), "train")
+    tracking = parse(TrackingSettings, data.get("tracking"), "tracking")
+    check_installed(tracking)
     spec = TransferSpec(settings=settings, shape=shape, data=data_table.get("spec", "builtin"), train=train,
-                        hparams=hparams_from(hp_table), raw=data)
+                        hparams=hparams_from(hp_table), raw=data, tracking=tracking)
     for variant in spec.variants:
         for value in settings.values:  # every grid point must be a model and a budget, before compute
             check_fits_machine(spec.shape_at(variant, value), f"transfer.values: {settings.axis} {value}")
@@ -300,16 +308,37 @@ def grid_record(spec: TransferSpec, variant: Variant, value: int, x: float, seed
     return record
 
 
-def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, x: float, seed: int) -> dict:
+def run_name(record: dict, grid_key: str) -> str:
+    """A grid point's tracker run name, e.g. ``mup-width128-lr2^-8-seed0``."""
+    knob = "lr" if grid_key == "lr_log2" else "wd"
+    return f"{record['variant']}-{record['axis']}{record['value']}-{knob}2^{record[grid_key]:g}-seed{record['seed']}"
+
+
+def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, x: float, seed: int,
+            tracking: Tracking | None = None, group: str = "transfer-check") -> dict:
+    """Train one grid point; ``tracking``: trackers (not started) that get its curves as one run."""
     shape = spec.shape_at(variant, value)
     hp = spec.hparams_at(x)
     base = spec.train_at(value)
     tc = updated(base, "train", seed=base.seed + seed, data_seed=base.data_seed + seed)
     record = {**grid_record(spec, variant, value, x, seed), "width": shape.model.d_model,
               "depth": shape.model.n_layers, "steps": tc.steps, "batch_size": tc.batch_size}
+    with tracking or Tracking(None, ".") as tracked:
+        tracked.start(run_name(record, spec.settings.grid_key), group, {**record, "hparams": hp.model_dump(),
+                                                                        "train": tc.model_dump()})
+        _train_point(record, spec, dataset, shape, hp, tc, tracked)
+        tracked.event("outcome", {k: record.get(k) for k in ("status", "loss", "reason", "seconds")})
+        tracked.finish(failed=record["status"] == "error")
+    return record
+
+
+def _train_point(record: dict, spec: TransferSpec, dataset, shape: RunShape, hp: HParams, tc: ProxyTrain,
+                 tracked: Tracking) -> None:
+    """Train, and fill ``record`` with the outcome: status, loss, held-out curve, seconds."""
     start = time.perf_counter()
     try:
-        result = train_proxy(shape, hp, tc, dataset)
+        result = train_proxy(shape, hp, tc, dataset, on_step=lambda step, loss: tracked.log({"loss": loss}, step),
+                             on_eval=lambda step, val: tracked.log({"val_loss": val}, step - 1))
         loss = result.final_val(spec.settings.last_evals)
         ok = math.isfinite(loss)
         record.update(status="ok" if ok else "diverged", loss=loss if ok else None,
@@ -319,13 +348,13 @@ def one_run(spec: TransferSpec, dataset, variant: Variant, value: int, x: float,
     except Exception as e:  # noqa: BLE001 -- recorded; the grid goes on
         record.update(status="error", loss=None, reason=f"{type(e).__name__}: {e}")
     record["seconds"] = round(time.perf_counter() - start, 2)
-    return record
 
 
 def _chain(args) -> list[dict]:
     """One (variant, axis value, seed): grid ascending; along the LR, stop training after the first
     divergence (a larger LR diverges too); weight decay has no such order, so every point trains."""
-    out_dir, raw, variant_dict, value, seed, todo, threads, *reader = args  # reader: another check's spec_from_mapping
+    # reader (optional): another check's spec_from_mapping (the joint check's)
+    out_dir, raw, variant_dict, value, seed, todo, threads, group, *reader = args
     import torch
 
     from mutransfer.data.builtin import open_dataset
@@ -351,7 +380,7 @@ def _chain(args) -> list[dict]:
             record = {**grid_record(spec, variant, value, x, seed), "status": "diverged", "loss": None,
                       "seconds": 0.0, "reason": f"not run: diverged at the smaller lr 2^{diverged_at:g}"}
         else:
-            record = one_run(spec, dataset, variant, value, x, seed)
+            record = one_run(spec, dataset, variant, value, x, seed, Tracking(spec.tracking, out_dir), group)
             if ordered and record["status"] == "diverged":
                 diverged_at = x
         append_run(out_dir, record)
@@ -364,8 +393,8 @@ def append_run(out_dir, record: dict) -> None:
 
 
 def _definition(spec: TransferSpec) -> dict:
-    """What must not change between runs into one directory: everything but the seed count."""
-    raw = {k: v for k, v in spec.raw.items() if k != "transfer"}
+    """What must not change between runs into one directory: everything but the seed count (and the trackers)."""
+    raw = {k: v for k, v in spec.raw.items() if k not in ("transfer", "tracking")}
     raw["transfer"] = {k: v for k, v in spec.raw.get("transfer", {}).items() if k != "seeds"}
     return raw
 
@@ -427,6 +456,7 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
                               f"{str(old.get('data_fingerprint'))[:16]}..., data {spec.data!r} now has "
                               f"{dataset.fingerprint[:16]}...; use another --out or pass --allow-data-change")
     out.mkdir(parents=True, exist_ok=True)
+    prepare_tracking(spec.tracking, out)  # e.g. MLflow's database, once, before the workers open runs in it
     write_json(config_path, {"spec_file": str(Path(path).resolve()), "overrides": list(overrides),
                              "data_fingerprint": dataset.fingerprint, "tune": spec.settings.tune,
                              "grid_key": spec.settings.grid_key, "grid": spec.grid,
@@ -445,7 +475,8 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
     chains.sort(key=lambda c: -c[1])  # the largest (slowest) first
     total = len(spec.variants) * len(s.values) * s.seeds * len(spec.grid)
     threads = max(1, cpu_count() // workers)
-    tasks = [(str(out), spec.raw, v.model_dump(), value, seed, todo, threads) for v, value, seed, todo in chains]
+    tasks = [(str(out), spec.raw, v.model_dump(), value, seed, todo, threads, Path(path).stem)
+             for v, value, seed, todo in chains]
     start, finished = time.perf_counter(), total - sum(len(c[3]) for c in chains)
     if not quiet:
         knob = "LRs" if s.tune == "lr" else "weight decays"

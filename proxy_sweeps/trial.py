@@ -5,6 +5,10 @@ make trials comparable), reports held-out losses to the pruner, and scores the m
 the mean of the last ``last_evals`` held-out losses. Outcomes (``budget.OUTCOME_ATTR``): complete;
 pruned by the pruner, or for divergence (NaN/inf/exploding loss), reason stored; error (an
 exception, message and traceback stored).
+
+With a tracker (``mutransfer.tracking``) the trial's curves go to it as well: ``loss`` at every
+step, ``val_loss`` at every held-out evaluation; seeds run one after another, so seed i's step s
+is step ``i * steps + s`` (the step the pruner sees).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from mutransfer.config import HParams, ProxyTrain, updated
+from mutransfer.tracking import Tracking
 from mutransfer.training import Diverged, train_proxy
 from proxy_sweeps.budget import OUTCOME_ATTR
 from proxy_sweeps.spec import HPARAM_FIELDS, SweepSpec
@@ -48,8 +53,11 @@ def trial_settings(spec: SweepSpec, params: dict, device: str | None = None) -> 
     return hp, updated(spec.train, "trial", **train_values)
 
 
-def run_trial(trial: optuna.Trial, spec: SweepSpec, dataset, device: str) -> tuple[TrialState, float | None]:
-    """Train the proxy ``seeds`` times; returns the trial's state and value. Never raises an Exception."""
+def run_trial(trial: optuna.Trial, spec: SweepSpec, dataset, device: str, tracking: Tracking | None = None
+              ) -> tuple[TrialState, float | None]:
+    """Train the proxy ``seeds`` times; returns the trial's state and value. Never raises an Exception.
+    ``tracking``: a started tracker run that gets the curves."""
+    tracking = tracking or Tracking(None, ".")
     start = time.perf_counter()
     tokens = 0
     seed_values: list[float] = []
@@ -63,15 +71,17 @@ def run_trial(trial: optuna.Trial, spec: SweepSpec, dataset, device: str) -> tup
             offset = i * train.steps
 
             def on_eval(step: int, val: float, offset=offset) -> None:
+                tracking.log({"val_loss": val}, offset + step - 1)  # measured after update ``step - 1``
                 trial.report(val, offset + step)
                 # Never prune at the last report: the run is done, its result is worth keeping.
                 if offset + step < spec.max_step and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned by {spec.pruner.kind} at step {offset + step} "
                                              f"(held-out loss {val:.4f})")
 
-            def on_step(step: int, loss: float, tc=tc) -> None:
+            def on_step(step: int, loss: float, tc=tc, offset=offset) -> None:
                 nonlocal tokens
                 tokens += tc.tokens_per_step
+                tracking.log({"loss": loss, "tokens": tokens}, offset + step)
 
             result = train_proxy(spec.shape, hp, tc, dataset, on_eval=on_eval, on_step=on_step)
             seed_values.append(result.final_val(spec.objective.last_evals))

@@ -9,6 +9,9 @@ marked interrupted and its retry queued (up to ``max_retries``), then the worker
 that arrives while a trial is being handed out waits until the worker holds it, so no trial is
 left RUNNING with nobody to finish it. When the sweep's main process dies, the worker stops the
 same way (it checks its parent).
+
+Each trial is one run in the trackers of ``[tracking]`` (``trial-NNNN``, grouped by the study's
+name, the trial's parameters as its config); its outcome is an ``outcome`` event at its last step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from mutransfer.config import ConfigError
 from mutransfer.rundir import read_json
+from mutransfer.tracking import Tracking
 from proxy_sweeps import storage as st
 from proxy_sweeps.budget import (
     DUPLICATE_ATTR,
@@ -39,7 +44,7 @@ from proxy_sweeps.optuna_adapter import trial_id
 from proxy_sweeps.processes import StopSignals, watch_parent
 from proxy_sweeps.spec import spec_from_mapping
 from proxy_sweeps.study import distributions, load_for_worker, sampler_seed
-from proxy_sweeps.trial import Heartbeat, run_trial
+from proxy_sweeps.trial import Heartbeat, run_trial, trial_settings
 
 CONFIG_FILE = "config.json"
 # We drive ask/tell ourselves (the budget lock needs it) and run the heartbeat thread ourselves.
@@ -71,6 +76,17 @@ def next_trial(study: optuna.Study, storage, url: str, name: str, n_trials: int,
             trial.set_user_attr("reason", f"duplicate of trial {twin}'s parameters; asked again")
             study.tell(trial, state=TrialState.FAIL)
         return trial  # the space is exhausted of new points: run the last one rather than spin
+
+
+def trial_config(spec, study: str, trial: optuna.Trial, device: str) -> dict:
+    """A trial's tracker config: its searched parameters at the top, then everything it trains with."""
+    config = {**trial.params, "study": study, "trial": trial.number, "model": spec.shape.model.model_dump(),
+              "param": spec.shape.param.model_dump()}
+    try:
+        hp, train = trial_settings(spec, trial.params, device)
+    except ConfigError:  # the trial fails with this error when it runs (run_trial stores it)
+        return config
+    return {**config, "hparams": hp.model_dump(), "train": train.model_dump()}
 
 
 def interrupted(study: optuna.Study, storage, url: str, name: str, trial: optuna.Trial, max_retries: int) -> None:
@@ -122,8 +138,15 @@ def work(out_dir: str | Path, index: int, threads: int | None = None, storage_ur
             trial.set_user_attr("worker", tag)
             trial.set_user_attr("sampler_seed", seed)
             trial.set_user_attr("retry_of", storage.get_trial(trial_id(trial)).system_attrs.get("failed_trial"))
-            with Heartbeat(storage, trial_id(trial), hb):
-                state, value = run_trial(trial, spec, dataset, device)
+            with Heartbeat(storage, trial_id(trial), hb), Tracking(spec.tracking, out_dir) as tracking:
+                tracking.start(f"trial-{trial.number:04d}", cfg["study"],
+                               trial_config(spec, cfg["study"], trial, device))
+                state, value = run_trial(trial, spec, dataset, device, tracking)
+                if value is not None:
+                    tracking.log({"objective": value}, tracking.last_step)
+                tracking.event("outcome", {"state": state.name, "value": value, **{
+                    k: trial.user_attrs.get(k) for k in (OUTCOME_ATTR, "reason", "seconds", "tokens")}})
+                tracking.finish(failed=state == TrialState.FAIL)
             frozen = study.tell(trial, value, state=state) if value is not None else study.tell(trial, state=state)
         except KeyboardInterrupt:  # stopped: record the trial held (if any) and queue its retry
             if isinstance(trial, optuna.Trial):
