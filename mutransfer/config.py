@@ -48,7 +48,10 @@ class ConfigError(ValueError):
 class Config(BaseModel):
     """Base of every config table: frozen, strict, finite, no unknown keys."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
+    # A field's docstring (the string under it) is its description in the schema, so `mutransfer schema`
+    # and docs/config.md say what each field means from the model itself.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True,
+                              use_attribute_docstrings=True)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -213,17 +216,28 @@ class ModelConfig(Config):
     preset's family at that width) and ``depth`` (that many blocks).
     """
 
-    vocab_size: PosInt  # model vocabulary (padded)
-    d_model: PosInt  # width d
-    n_layers: PosInt  # depth L
-    n_heads: PosInt  # query heads; n_heads * head_dim = d_model
-    n_kv_heads: PosInt  # key/value heads (GQA); divides n_heads
-    head_dim: PosInt  # even (RoPE)
-    ffn_dim: PosInt  # SwiGLU hidden width
+    vocab_size: PosInt
+    """model vocabulary (padded)"""
+    d_model: PosInt
+    """width d"""
+    n_layers: PosInt
+    """depth L"""
+    n_heads: PosInt
+    """query heads; n_heads * head_dim = d_model"""
+    n_kv_heads: PosInt
+    """key/value heads (GQA); divides n_heads"""
+    head_dim: PosInt
+    """even (RoPE)"""
+    ffn_dim: PosInt
+    """SwiGLU hidden width"""
     rope_base: PosFloat = 500_000.0
-    max_seq_len: PosInt = 4096  # longest sequence the model accepts
-    norm_eps: PosFloat = 1e-5  # RMSNorm epsilon
-    tokenizer: str = "byte"  # byte | deepseek-v3 | path to a tokenizer.json
+    """RoPE base frequency theta (RECIPE: 500,000)"""
+    max_seq_len: PosInt = 4096
+    """longest sequence the model accepts"""
+    norm_eps: PosFloat = 1e-5
+    """RMSNorm epsilon"""
+    tokenizer: str = "byte"
+    """byte | deepseek-v3 | path to a tokenizer.json"""
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -266,25 +280,38 @@ class SpecModel(Config):
     ``max_seq_len`` are read from the spec when the config is loaded, so the file need not repeat them.
     """
 
-    spec: str  # "package.module:factory", imported in every process that builds the model
-    args: dict[str, SpecArg] = Field(default_factory=dict)  # keyword arguments of the factory
-    roles: dict[str, str] | None = None  # [model.roles]: pattern -> role, replacing the spec's role map
-    d_model: PosInt  # width d
-    n_layers: PosInt  # depth L
-    head_dim: PosInt  # at this width (the softmax scale 1/d_head)
-    vocab_size: PosInt  # from the spec: the tokens the model accepts
-    max_seq_len: PosInt = 4096  # from the spec: the longest sequence it takes
-    tokenizer: str = "byte"  # byte | deepseek-v3 | path to a tokenizer.json
+    spec: str
+    """"package.module:factory", imported in every process that builds the model"""
+    args: dict[str, SpecArg] = Field(default_factory=dict)
+    """keyword arguments of the factory"""
+    roles: dict[str, str] | None = None
+    """[model.roles]: pattern -> role, replacing the spec's role map"""
+    d_model: PosInt
+    """width d"""
+    n_layers: PosInt
+    """depth L"""
+    head_dim: PosInt
+    """at this width (the softmax scale 1/d_head)"""
+    vocab_size: PosInt
+    """from the spec: the tokens the model accepts"""
+    max_seq_len: PosInt = 4096
+    """from the spec: the longest sequence it takes"""
+    tokenizer: str = "byte"
+    """byte | deepseek-v3 | path to a tokenizer.json"""
 
 
 class ParamConfig(Config):
     """Which parametrization, and the base shape the base hyperparameters belong to."""
 
     parametrization: Parametrization = "mup"
+    """the muP table's column (mutransfer.parametrization): which rule scales each group with width and depth"""
     d_base: PosInt = 256
+    """the width the base hyperparameters belong to (muP scales every group from it)"""
     depth_base: PosInt = 48
+    """the depth the base hyperparameters belong to (the residual scaling starts from it)"""
     # residual branch ~ (L0/L)^a: 0.5 Depth-muP, 1.0 CompleteP
     depth_alpha: Annotated[float, Field(ge=0.5, le=1.0)] = 0.5
+    """residual branch x (depth_base / L)^depth_alpha: 0.5 Depth-muP, 1.0 CompleteP"""
 
 
 class HParams(Config):
@@ -295,22 +322,38 @@ class HParams(Config):
     residual branches their own multipliers (the recipe's sweeps did); unset, both use ``alpha_res``.
     """
 
-    lr: PosFloat = 0.01  # eta
-    init_std: PosFloat = 0.1  # sigma
+    lr: PosFloat = 0.01
+    """eta"""
+    init_std: PosFloat = 0.1
+    """sigma"""
     alpha_in: PosFloat = 12.0
+    """embedding output multiplier (alpha_in x embedding)"""
     alpha_out: PosFloat = 1.0
+    """output logit multiplier (muP divides it by the width ratio d / d_base)"""
     alpha_res: PosFloat = 1.4
+    """residual branch multiplier (h += alpha_res / sqrt(L) x branch)"""
     alpha_res_attn: PosFloat | None = None
+    """the attention branch's own multiplier; unset: alpha_res"""
     alpha_res_ffn: PosFloat | None = None
-    weight_decay: NonNegFloat = 0.1  # lambda
+    """the FFN branch's own multiplier; unset: alpha_res"""
+    weight_decay: NonNegFloat = 0.1
+    """lambda"""
     adam_beta1: Beta = 0.9
+    """AdamW first-moment decay"""
     adam_beta2: Beta = 0.95
+    """AdamW second-moment decay"""
     adam_eps: PosFloat = 1e-8
-    grad_clip: NonNegFloat = 1.0  # 0: no clipping
+    """AdamW epsilon"""
+    grad_clip: NonNegFloat = 1.0
+    """0: no clipping"""
     muon_momentum: Beta = 0.95
+    """Muon momentum"""
     muon_nesterov: bool = True
+    """Muon with Nesterov momentum"""
     muon_ns_steps: PosInt = 5
+    """Newton-Schulz iterations of Muon's orthogonalisation"""
     muon_eps: PosFloat = 1e-7
+    """Muon's normalisation epsilon before Newton-Schulz"""
 
     @property
     def residual_attn(self) -> float:
@@ -360,19 +403,33 @@ class TrainSettings(Config):
     """
 
     precision: Precision = "fp32"
+    """fp32 | bf16 | fp8-emulated | fp8-te | fp8-torchao (mutransfer.precision)"""
     device: str = "auto"
-    threads: PosInt | None = None  # CPU intra-op threads; default: torch's choice
-    seed: NonNegInt = 0  # model initialisation
-    data_seed: NonNegInt = 0  # batch draws
-    eval_every: PosInt = 50  # steps between held-out evaluations
+    """auto (a GPU when one is visible) | cpu | cuda | cuda:N"""
+    threads: PosInt | None = None
+    """CPU intra-op threads; default: torch's choice"""
+    seed: NonNegInt = 0
+    """model initialisation"""
+    data_seed: NonNegInt = 0
+    """batch draws"""
+    eval_every: PosInt = 50
+    """steps between held-out evaluations"""
     eval_batches: PosInt = 4
+    """held-out batches per evaluation"""
     eval_batch_size: PosInt = 16
-    eval_micro_batch: PosInt | None = None  # rows per evaluation forward; default: the whole batch
-    eval_seq_len: PosInt | None = None  # default: the (first) training sequence length
+    """sequences per held-out batch"""
+    eval_micro_batch: PosInt | None = None
+    """rows per evaluation forward; default: the whole batch"""
+    eval_seq_len: PosInt | None = None
+    """default: the (first) training sequence length"""
     diverge_ratio: Annotated[float, Field(gt=1)] = 4.0
+    """a training loss above this multiple of the first step's counts as diverged"""
     activation_checkpointing: Checkpointing = "none"
+    """none | full | selective (saves matmul and attention outputs, recomputes the elementwise ops), per block"""
     loss_chunk_tokens: PosInt = 8192
-    compile: bool = False  # torch.compile each block (full-scale) / the model (proxy)
+    """the cross entropy is computed this many tokens at a time (the logits of all tokens are never live at once)"""
+    compile: bool = False
+    """torch.compile each block (full-scale) / the model (proxy)"""
 
     @model_validator(mode="after")
     def _device(self) -> TrainSettings:
@@ -389,13 +446,21 @@ class ProxyTrain(TrainSettings):
     """
 
     steps: PosInt = 300
-    batch_size: PosInt = 16  # sequences per optimizer step
-    micro_batch_size: PosInt | None = None  # sequences per forward/backward (accumulated); default: the batch
+    """optimizer steps of each run"""
+    batch_size: PosInt = 16
+    """sequences per optimizer step"""
+    micro_batch_size: PosInt | None = None
+    """sequences per forward/backward (accumulated); default: the batch"""
     seq_len: PosInt = 128
+    """tokens per sequence"""
     warmup: NonNegInt = 30
+    """steps of linear LR warmup"""
     decay: NonNegInt = 0
+    """last steps of exponential LR decay; 0: none (warmup-stable)"""
     final_lr_ratio: Annotated[float, Field(gt=0, le=1)] = 1 / 16
+    """the LR factor the decay ends at"""
     optimizer: OptimizerName = "adamw"
+    """adamw | muon (hidden matrices by Muon, the rest by AdamW)"""
 
     @model_validator(mode="after")
     def _budget(self) -> ProxyTrain:

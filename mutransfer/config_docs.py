@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import sys
 from importlib.metadata import entry_points
 
@@ -38,23 +37,6 @@ CORE_TABLES = [
 ]
 
 
-def _comments(cls: type) -> dict[str, str]:
-    """``name: type = default  # comment`` -> {name: comment}, from the class source."""
-    out = {}
-    for klass in reversed(cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        for line in source.splitlines():
-            m = re.match(r"\s+(\w+): [^#]*#\s*(.+)$", line)
-            if m:
-                out[m.group(1)] = m.group(2).strip()
-    return out
-
-
 def _type(prop: dict) -> str:
     if "enum" in prop:
         return " \\| ".join(json.dumps(v) for v in prop["enum"])
@@ -79,15 +61,19 @@ def _range(prop: dict) -> str:
     return ", ".join(parts)
 
 
+def _meaning(prop: dict) -> str:
+    """The field's description (its docstring in the model), on one Markdown table line."""
+    return " ".join(prop.get("description", "").split()).replace("|", "\\|")
+
+
 def describe(title: str, cls: type[BaseModel]) -> str:
     schema = cls.model_json_schema()
-    comments = _comments(cls)
     doc = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
     lines = [f"### {title}", "", doc, "", "| field | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     required = set(schema.get("required", []))
     for name, prop in schema.get("properties", {}).items():
         default = "(required)" if name in required else json.dumps(prop.get("default"))
-        lines.append(f"| `{name}` | {_type(prop)} | {default} | {_range(prop)} | {comments.get(name, '')} |")
+        lines.append(f"| `{name}` | {_type(prop)} | {default} | {_range(prop)} | {_meaning(prop)} |")
     return "\n".join(lines)
 
 
@@ -107,6 +93,13 @@ range, types are strict (a string is not a number, a bool is not an integer), an
 the field path, e.g. `train.grad_clip: input should be a finite number (got nan)`. Any value can be
 set on the command line with `--set table.key=value` (a list of tables is indexed by position or by
 its `name`, e.g. `--set stages.decay.steps=10`). `mutransfer schema --json` prints the JSON schemas.
+
+Paths. Every path in a config or on the command line resolves against the current directory (where
+the command runs): `[data] spec`, `[data] mixture` entries, `val` and `cache_dir`, `model.tokenizer`,
+`joint.lock` and `joint.laws`, `--out`, `--hparams`. One exception: `train.hparams` in a full-scale
+config resolves against the config file's directory, so a config and the lock beside it travel
+together. A model spec (`model.spec = "package.module:factory"`) is imported with the current
+directory first on the module path, as `python -m` does.
 """
 
 
@@ -116,6 +109,12 @@ def markdown() -> str:
         parts.append(f"## {group}\n")
         parts += [describe(title, cls) + "\n" for title, cls in tables]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def undocumented(cls: type[BaseModel]) -> list[str]:
+    """Fields of ``cls`` whose schema has no description (each field's docstring is its meaning)."""
+    return [name for name, prop in cls.model_json_schema().get("properties", {}).items()
+            if not prop.get("description", "").strip()]
 
 
 def json_schemas() -> dict:

@@ -44,25 +44,45 @@ class CoordConfig(Config):
     """
 
     preset: str = "tiny"
-    spec: str | None = None  # a user's model, "package.module:factory" (mutransfer.spec), instead of the preset
-    spec_args: dict[str, SpecArg] = Field(default_factory=dict)  # the factory's keyword arguments
-    widths: list[PosInt] = Field(default_factory=list)  # empty: default_widths(preset), unless depths
-    depths: list[PosInt] = Field(default_factory=list)  # the depth axis (slopes against log2 depth)
+    """the model family (tiny, proxy-20m, xmodel25-1.3b) whose widths or depths are checked"""
+    spec: str | None = None
+    """a user's model, "package.module:factory" (mutransfer.spec), instead of the preset"""
+    spec_args: dict[str, SpecArg] = Field(default_factory=dict)
+    """the factory's keyword arguments"""
+    widths: list[PosInt] = Field(default_factory=list)
+    """empty: default_widths(preset), unless depths"""
+    depths: list[PosInt] = Field(default_factory=list)
+    """the depth axis (slopes against log2 depth)"""
     steps: PosInt = 10
+    """training steps recorded per run"""
     seeds: PosInt = 3
-    lr: PosFloat | None = None  # None: DEFAULT_LR[optimizer]
+    """runs per width (depth); slopes get an interval across seeds"""
+    lr: PosFloat | None = None
+    """None: DEFAULT_LR[optimizer]"""
     optimizer: OptimizerName = "adamw"
+    """adamw | muon"""
     param: Parametrization = "mup"
+    """the parametrization checked (mup passes, sp fails)"""
     precision: Precision = "fp32"
+    """fp32 | bf16 | fp8-emulated (the check runs on CPU)"""
     batch_size: PosInt = 4
+    """sequences per step"""
     seq_len: PosInt = 64
+    """tokens per sequence"""
     data_seed: NonNegInt = 0
-    fix_data: bool = True  # one batch at every step (mup's default); False: the batch of (data_seed, step)
-    grad_clip: NonNegFloat = 0.0  # clipping by the global norm couples layers across widths; off by default
-    update_tokens: NonNegInt = 64  # tokens of the batch on which dW x is measured (evenly spaced); 0: all
+    """which batches are drawn"""
+    fix_data: bool = True
+    """one batch at every step (mup's default); False: the batch of (data_seed, step)"""
+    grad_clip: NonNegFloat = 0.0
+    """clipping by the global norm couples layers across widths; off by default"""
+    update_tokens: NonNegInt = 64
+    """tokens of the batch on which dW x is measured (evenly spaced); 0: all"""
     threshold: Annotated[float, Field(gt=0, lt=10)] = 0.1
+    """largest |slope| of log2 size against log2 width (depth) that passes"""
     device: str = "cpu"
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)  # a tracker run per width (depth) and seed
+    """cpu | cuda | cuda:N | auto"""
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    """a tracker run per width (depth) and seed"""
 
     @model_validator(mode="after")
     def _check(self) -> CoordConfig:

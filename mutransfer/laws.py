@@ -67,8 +67,10 @@ EXTRAPOLATION_LIMIT = 8.0
 class TransferCorrection(Config):
     """``[transfer]`` of a full-scale config: apply the lock's fitted laws to the base LR, or not."""
 
-    horizon: Literal["fitted", "off"] = "off"  # LR x (D_target / D_proxy)^-beta from the lock's horizon law
-    batch: Literal["fitted", "off"] = "off"  # LR x (B_target / B_proxy)^-beta from the lock's batch law
+    horizon: Literal["fitted", "off"] = "off"
+    """LR x (D_target / D_proxy)^-beta from the lock's horizon law"""
+    batch: Literal["fitted", "off"] = "off"
+    """LR x (B_target / B_proxy)^-beta from the lock's batch law"""
 
 
 class LawDraws(Config):

@@ -50,31 +50,44 @@ TOP_LEVEL = ("model", "param", "stages", "optimizer", "data", "train", "parallel
 class FullTrain(TrainSettings):
     """``[train]`` of a full-scale run: the shared settings plus where the lock file is."""
 
-    hparams: str | None = None  # lock file, relative to the config file; --hparams wins
-    eval_every: PosInt = 100  # steps between held-out evaluations (also at every stage end)
+    hparams: str | None = None
+    """lock file, relative to the config file; --hparams wins"""
+    eval_every: PosInt = 100
+    """steps between held-out evaluations (also at every stage end)"""
     eval_batch_size: PosInt = 8
+    """sequences per held-out batch"""
 
 
 class ParallelSettings(Config):
-    mode: Literal["fsdp", "ddp"] = "fsdp"  # with more than one process: FSDP2 fully_shard, or DDP
+    mode: Literal["fsdp", "ddp"] = "fsdp"
+    """with more than one process: FSDP2 fully_shard, or DDP"""
 
 
 class CheckpointSettings(Config):
-    every: NonNegInt = 1000  # steps between checkpoints; 0: only at stage ends and at the end
-    keep: PosInt = 3  # newest complete checkpoints kept
-    at_stage_end: bool = True  # also after each stage's last step (e.g. the pre-switch state)
-    keep_stage_ends: bool = True  # never prune those: branch points (e.g. the AdamW-only control)
+    every: NonNegInt = 1000
+    """steps between checkpoints; 0: only at stage ends and at the end"""
+    keep: PosInt = 3
+    """newest complete checkpoints kept"""
+    at_stage_end: bool = True
+    """also after each stage's last step (e.g. the pre-switch state)"""
+    keep_stage_ends: bool = True
+    """never prune those: branch points (e.g. the AdamW-only control)"""
 
 
 class MetricsSettings(Config):
-    peak_flops: PosFloat | None = None  # per device, for MFU; default from the device table
-    progress: bool = True  # progress bar on stderr (rank 0)
+    peak_flops: PosFloat | None = None
+    """per device, for MFU; default from the device table"""
+    progress: bool = True
+    """progress bar on stderr (rank 0)"""
 
 
 class DataSettings(Config):
-    mixture: list[dict] | None = None  # default mixture for stages without their own (mutransfer.stages)
-    val: str | None = None  # held-out data; default: the first stage's first source
-    cache_dir: str | None = None  # where the built-in corpus is prepared
+    mixture: list[dict] | None = None
+    """default mixture for stages without their own (mutransfer.stages)"""
+    val: str | None = None
+    """held-out data; default: the first stage's first source"""
+    cache_dir: str | None = None
+    """where the built-in corpus is prepared"""
 
 
 class ResidualSettings(Config):
@@ -83,8 +96,10 @@ class ResidualSettings(Config):
     whatever the lock holds (the lock's is shown beside it); ``"lock"`` takes the lock's
     ``alpha_res_attn`` / ``alpha_res_ffn``, else its ``alpha_res``."""
 
-    alpha_res_attn: PosFloat | Literal["lock"] = "lock"  # the attention branch's alpha, or "lock"
-    alpha_res_ffn: PosFloat | Literal["lock"] = "lock"  # the FFN branch's alpha, or "lock"
+    alpha_res_attn: PosFloat | Literal["lock"] = "lock"
+    """the attention branch's alpha, or 'lock'"""
+    alpha_res_ffn: PosFloat | Literal["lock"] = "lock"
+    """the FFN branch's alpha, or 'lock'"""
 
 
 def read_config(path: str | Path, overrides=()) -> dict:

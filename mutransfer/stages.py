@@ -55,26 +55,39 @@ class SourceTable(Config):
     """One data source of a mixture: a dataset spec (``builtin`` or a prepared dir) and its weight."""
 
     data: Annotated[str, Field(min_length=1)]
+    """builtin or a prepared data directory (mutransfer data prepare)"""
     weight: PosFloat = 1.0
+    """relative share of the mixture's tokens"""
     name: str = ""
+    """label in metrics; default: the data path"""
 
 
 class PhaseTable(Config):
     steps: PosInt | None = None
+    """optimizer steps of this phase (stage)"""
     seq_len: PosInt | None = None
+    """tokens per sequence"""
     global_batch: PosInt | None = None
+    """sequences per optimizer step, over every process"""
     micro_batch: PosInt | None = None
-    activation_checkpointing: Checkpointing | None = None  # this phase's (stage's) policy; default: [train]'s
+    """sequences per forward/backward on one process (accumulated to the global batch)"""
+    activation_checkpointing: Checkpointing | None = None
+    """this phase's (stage's) policy; default: [train]'s"""
 
 
 class LRSpec(Config):
     """A stage's ``lr`` table: factors on each group's peak LR, or absolute LRs every group reaches."""
 
     shape: Literal["linear", "constant", "exp"]
+    """linear | constant | exp (exponential) across the stage"""
     start: NonNegFloat | None = None
+    """factor on each group's peak LR at the stage's first step"""
     end: NonNegFloat | None = None
+    """factor on each group's peak LR at the stage's last step"""
     start_lr: PosFloat | None = None
+    """absolute LR every group starts at (instead of a factor)"""
     end_lr: PosFloat | None = None
+    """absolute LR every group ends at (the recipe's long-context floor: 1e-5)"""
 
     @model_validator(mode="after")
     def _one_end(self) -> LRSpec:
@@ -87,9 +100,13 @@ class LRSpec(Config):
 
 class StageTable(PhaseTable):
     name: Annotated[str, Field(min_length=1)]
+    """the stage's name (warmup, stable1, decay, ...); --set stages.NAME.key=value finds it"""
     phases: list[PhaseTable] | None = None
+    """consecutive phases within the stage (e.g. long context 8k then 16k); unset: one phase"""
     lr: LRSpec
+    """the stage's LR shape ([[stages]].lr)"""
     mixture: list[SourceTable] | None = None
+    """data sources and weights for this stage; unset: [data].mixture"""
 
 
 class SwitchSpec(Config):
@@ -104,10 +121,15 @@ class SwitchSpec(Config):
     """
 
     switch: bool = True
+    """move the hidden matrices from AdamW to Muon at switch_stage"""
     switch_stage: str = "decay"
-    carry_momentum: bool = False  # seed Muon's momentum with AdamW's first moment (default: fresh)
-    restart: Literal["all", "hidden"] | None = None  # unset: "all" under xmodel, else "hidden"
-    muon_fuse: bool | None = None  # unset: true under xmodel, else false
+    """the stage whose first step runs Muon"""
+    carry_momentum: bool = False
+    """seed Muon's momentum with AdamW's first moment (default: fresh)"""
+    restart: Literal["all", "hidden"] | None = None
+    """unset: 'all' under xmodel, else 'hidden'"""
+    muon_fuse: bool | None = None
+    """unset: true under xmodel, else false"""
 
     def restart_for(self, parametrization: str) -> str:
         return self.restart or ("all" if parametrization == "xmodel" else "hidden")

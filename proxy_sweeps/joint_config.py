@@ -40,21 +40,36 @@ def check_grid(prefix: str, low: float, high: float, step: float) -> None:
 class JointSettings(Config):
     """``[joint]``: where the proxy's LR and the laws come from, the LR grids, seeds and the goal."""
 
-    lock: str | None = None  # hparams.lock.json: the proxy's base LR, budget and laws; else the proxy is measured
-    laws: list[str] = Field(default_factory=list)  # transfer-check directories (steps / batch_size), as freeze --law
-    lr_log2_low: float = -8.0  # the target's base-LR grid
+    lock: str | None = None
+    """hparams.lock.json: the proxy's base LR, budget and laws; else the proxy is measured"""
+    laws: list[str] = Field(default_factory=list)
+    """transfer-check directories (steps / batch_size), as freeze --law"""
+    lr_log2_low: float = -8.0
+    """the target's base-LR grid"""
     lr_log2_high: float = -5.0
+    """largest base LR of the target's grid, log2"""
     lr_log2_step: Annotated[float, Field(gt=0)] = 0.5
-    proxy_lr_log2_low: float | None = None  # the proxy's grid (no lock); default: the target's
+    """the target grid's step, in octaves"""
+    proxy_lr_log2_low: float | None = None
+    """the proxy's grid (no lock); default: the target's"""
     proxy_lr_log2_high: float | None = None
+    """largest base LR of the proxy's grid; default: the target's"""
     proxy_lr_log2_step: Annotated[float, Field(gt=0)] | None = None
+    """the proxy grid's step; default: the target's"""
     seeds: PosInt = 3
+    """runs per grid point on each side"""
     last_evals: PosInt = 1
-    goal_octaves: Annotated[float, Field(gt=0)] = DEFAULT_GOAL  # |measured - predicted| allowed
-    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.9  # of the bootstrap intervals
-    bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples; 0: point estimates only (no intervals)
-    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = 0.1  # of each run's steps; None: [train]'s
+    """held-out evaluations averaged at the end of each run"""
+    goal_octaves: Annotated[float, Field(gt=0)] = DEFAULT_GOAL
+    """|measured - predicted| allowed"""
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.9
+    """of the bootstrap intervals"""
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
+    """resamples; 0: point estimates only (no intervals)"""
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = 0.1
+    """of each run's steps; None: [train]'s"""
     decay_fraction: Annotated[float, Field(ge=0, lt=1)] | None = 0.2
+    """of each run's steps; None: [train]'s"""
 
     @model_validator(mode="after")
     def _grids(self) -> JointSettings:
@@ -94,9 +109,13 @@ class RunPoint(Config):
     """``[proxy]`` / ``[target]``: the model and budget of one side (unset: the preset's, the [train] table's)."""
 
     width: PosInt | None = None
+    """the side's width (the preset's family at that width)"""
     depth: PosInt | None = None
+    """the side's depth (blocks)"""
     steps: PosInt | None = None
-    batch_size: PosInt | None = None  # global batch, sequences per step
+    """the side's optimizer steps"""
+    batch_size: PosInt | None = None
+    """global batch, sequences per step"""
 
 
 CONFIG_TABLES = [("[joint]", JointSettings), ("[proxy]", RunPoint), ("[target]", RunPoint)]

@@ -62,10 +62,15 @@ HPARAM_FIELDS = HPARAM_FLOAT_FIELDS
 
 class SweepSettings(Config):
     name: str = "sweep"
-    trials: PosInt = 20  # logical trials: a retried trial counts once
-    heartbeat_interval: PosInt = 10  # seconds between a running trial's heartbeats
-    grace_period: PosInt = 60  # seconds without a heartbeat before a trial counts as lost
-    max_retries: NonNegInt = 2  # retries of a trial whose worker died or was stopped
+    """the Optuna study's name (--study overrides)"""
+    trials: PosInt = 20
+    """logical trials: a retried trial counts once"""
+    heartbeat_interval: PosInt = 10
+    """seconds between a running trial's heartbeats"""
+    grace_period: PosInt = 60
+    """seconds without a heartbeat before a trial counts as lost"""
+    max_retries: NonNegInt = 2
+    """retries of a trial whose worker died or was stopped"""
 
     @model_validator(mode="after")
     def _grace(self) -> SweepSettings:
@@ -77,36 +82,53 @@ class SweepSettings(Config):
 
 class DataSpec(Config):
     spec: str = "builtin"
+    """builtin or a prepared data directory (relative paths: against the current directory)"""
 
 
 class ObjectiveSpec(Config):
-    last_evals: PosInt = 2  # held-out evaluations averaged at the end of a run
-    seeds: PosInt = 1  # repeats (model init and batch order) averaged per trial
+    last_evals: PosInt = 2
+    """held-out evaluations averaged at the end of a run"""
+    seeds: PosInt = 1
+    """repeats (model init and batch order) averaged per trial"""
 
 
 class SamplerSpec(Config):
     kind: Literal["tpe", "random", "cmaes", "grid", "gp"] = "tpe"
+    """tpe | random | cmaes | grid | gp (Optuna's samplers)"""
     seed: NonNegInt = 0
-    n_startup_trials: NonNegInt = 8  # tpe, gp, cmaes: random trials before the model kicks in
-    multivariate: bool = True  # tpe
+    """sampler seed; each worker and invocation derives its own from it"""
+    n_startup_trials: NonNegInt = 8
+    """tpe, gp, cmaes: random trials before the model kicks in"""
+    multivariate: bool = True
+    """tpe"""
 
 
 class PrunerSpec(Config):
     kind: Literal["hyperband", "median", "none"] = "hyperband"
-    min_resource: NonNegInt = 0  # hyperband: first rung, in reported steps; 0 = the first evaluation
-    reduction_factor: Annotated[int, Field(ge=2)] = 3  # hyperband
-    n_startup_trials: NonNegInt = 4  # median
-    n_warmup_steps: NonNegInt = 0  # median: never prune before this reported step
+    """hyperband | median | none (Optuna's pruners, on the held-out loss)"""
+    min_resource: NonNegInt = 0
+    """hyperband: first rung, in reported steps; 0 = the first evaluation"""
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+    """hyperband"""
+    n_startup_trials: NonNegInt = 4
+    """median"""
+    n_warmup_steps: NonNegInt = 0
+    """median: never prune before this reported step"""
 
 
 class SearchParam(Config):
     """One searched hyperparameter: a range (low/high, log, step) or a list of choices."""
 
     low: float | None = None
+    """smallest value of the range"""
     high: float | None = None
+    """largest value of the range"""
     log: bool = False
+    """sample the range on a log scale"""
     step: Annotated[float, Field(gt=0)] | None = None
+    """grid step of the range (integers: warmup)"""
     choices: list[float] | None = None
+    """a list of values instead of a range"""
 
     @model_validator(mode="after")
     def _shape(self) -> SearchParam:

@@ -88,25 +88,45 @@ class TransferSettings(Config):
     """``[transfer]``: the axis and its values, the variants, the LR grid, seeds and goals."""
 
     axis: Literal["width", "depth", "steps", "batch_size"] = "width"
-    values: list[PosInt] = Field(default_factory=list)  # ascending, e.g. widths [32, 64, 128, 256]
+    """width | depth | steps | batch_size: what moves between the runs"""
+    values: list[PosInt] = Field(default_factory=list)
+    """ascending, e.g. widths [32, 64, 128, 256]"""
     parametrizations: list[Parametrization] = Field(default_factory=lambda: ["mup", "sp"])
-    depth_alphas: list[Annotated[float, Field(ge=0.5, le=1.0)]] = Field(default_factory=list)  # mup variants
+    """the variants checked side by side (mup, sp, xmodel)"""
+    depth_alphas: list[Annotated[float, Field(ge=0.5, le=1.0)]] = Field(default_factory=list)
+    """mup variants"""
     lr_log2_low: float = -12.0
+    """smallest base LR of the grid, log2"""
     lr_log2_high: float = -4.0
-    lr_log2_step: Annotated[float, Field(gt=0)] = 1.0  # 1.0: the x2 grid
-    tune: Literal["lr", "weight_decay"] = "lr"  # what the grid varies; weight_decay: at the fixed hparams.lr
-    wd_log2_low: float = -6.0  # tune = "weight_decay": the grid of the base weight decay
+    """largest base LR of the grid, log2"""
+    lr_log2_step: Annotated[float, Field(gt=0)] = 1.0
+    """1.0: the x2 grid"""
+    tune: Literal["lr", "weight_decay"] = "lr"
+    """what the grid varies; weight_decay: at the fixed hparams.lr"""
+    wd_log2_low: float = -6.0
+    """tune = 'weight_decay': the grid of the base weight decay"""
     wd_log2_high: float = 2.0
+    """largest base weight decay of the grid, log2"""
     wd_log2_step: Annotated[float, Field(gt=0)] = 1.0
+    """the weight-decay grid's step, in octaves"""
     seeds: PosInt = 2
+    """runs per grid point (bootstrap intervals need 2 or more)"""
     last_evals: PosInt = 1
-    goal_octaves: Annotated[float, Field(gt=0)] | None = None  # allowed drift/residual; default by axis
-    min_span: Annotated[float, Field(ge=1)] = 8.0  # largest / smallest axis value the goal needs
-    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.9  # of the bootstrap intervals
-    bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples; 0: point estimates only (no intervals)
-    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # steps axis: warmup per horizon
-    decay_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None  # steps axis: decay per horizon
-    tokens: PosInt | None = None  # batch_size axis: the fixed token budget of every run
+    """held-out evaluations averaged at the end of each run"""
+    goal_octaves: Annotated[float, Field(gt=0)] | None = None
+    """allowed drift/residual; default by axis"""
+    min_span: Annotated[float, Field(ge=1)] = 8.0
+    """largest / smallest axis value the goal needs"""
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.9
+    """of the bootstrap intervals"""
+    bootstrap: Annotated[int, Field(ge=0)] = 1000
+    """resamples; 0: point estimates only (no intervals)"""
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """steps axis: warmup per horizon"""
+    decay_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """steps axis: decay per horizon"""
+    tokens: PosInt | None = None
+    """batch_size axis: the fixed token budget of every run"""
 
     @model_validator(mode="after")
     def _grid(self) -> TransferSettings:

@@ -29,11 +29,16 @@ class TrackingSettings(Config):
     trial), transfer-check and coord-check (a tracker run per grid point).
     """
 
-    backends: list[Backend] = Field(default_factory=list)  # e.g. ["tensorboard", "wandb"]; empty: files only
-    project: str = "mutransfer"  # W&B project, MLflow experiment, trackio project
-    mlflow_uri: str | None = None  # MLflow tracking URI; default: sqlite database mlflow.db in the run directory
-    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # default: $WANDB_MODE, else online
-    wandb_entity: str | None = None  # W&B team or user; default: the logged-in account's
+    backends: list[Backend] = Field(default_factory=list)
+    """e.g. ['tensorboard', 'wandb']; empty: files only"""
+    project: str = "mutransfer"
+    """W&B project, MLflow experiment, trackio project"""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI; default: sqlite database mlflow.db in the run directory"""
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """default: $WANDB_MODE, else online"""
+    wandb_entity: str | None = None
+    """W&B team or user; default: the logged-in account's"""
 
     @model_validator(mode="after")
     def _unique(self) -> TrackingSettings:
