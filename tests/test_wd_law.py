@@ -1,0 +1,118 @@
+"""Weight decay by the Power Lines law (mutransfer.wd_law): the fit, its verdict, the lock and its use."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mutransfer.config import ConfigError
+from mutransfer.wd_law import (
+    Point,
+    WeightDecayLaw,
+    fit_power_lines,
+    judge_held_out,
+    log2_tau,
+    predict_wd_log2,
+    weight_decay_at_target,
+)
+
+LR = 2.0**-6.25
+LOG2_C, M = 1.5, -0.4  # the synthetic law: tau_opt = 2^1.5 (D/N)^-0.4
+SEQ_TOKENS = 8 * 128  # tokens per step
+NOISE = 0.1  # octaves: the spread of each point's optimum over its bootstrap draws (a 3-seed check's size)
+N_DRAWS = 400
+
+
+def grid(seed: int = 0, offset: float = 0.0) -> tuple[list[Point], Point]:
+    """3 model sizes x 3 horizons on the synthetic law, each optimum with paired noisy draws; the largest
+    (N, D) held out, its measured optimum moved by ``offset`` octaves off the law."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(0, NOISE, N_DRAWS)  # a seed effect common to every point (draws are paired)
+    points = []
+    for params in (200_000, 500_000, 1_500_000):
+        for steps in (120, 240, 480):
+            tokens = steps * SEQ_TOKENS
+            true = float(predict_wd_log2(LOG2_C, M, LR, params, tokens, steps))
+            draws = true + shared + rng.normal(0, NOISE, N_DRAWS)
+            points.append(Point(params=params, tokens=tokens, steps=steps, wd_log2=true, draws=draws))
+    held = points.pop()
+    held = Point(held.params, held.tokens, held.steps, held.wd_log2 + offset, held.draws + offset)
+    return points, held
+
+
+def test_timescale_definition():
+    # tau = 1 / (eta lambda S): eta = 2^-6, lambda = 2^2, S = 2^4 -> tau = 1
+    assert float(log2_tau(2.0, 2.0**-6, 16)) == pytest.approx(0.0)
+    # the prediction inverts it: tau_opt = 1 at D/N = 1 when log2 c = 0
+    assert float(predict_wd_log2(0.0, -0.5, 2.0**-6, 1000, 1000, 16)) == pytest.approx(2.0)
+
+
+def test_fit_recovers_known_law_within_its_interval():
+    points, _ = grid()
+    fit = fit_power_lines(points, LR)
+    # exact optima: the point estimates are the law itself (to float rounding)
+    assert fit["log2_c"]["estimate"] == pytest.approx(LOG2_C, abs=1e-9)
+    assert fit["m"]["estimate"] == pytest.approx(M, abs=1e-9)
+    for name, true in (("log2_c", LOG2_C), ("m", M)):
+        lo, hi = fit[name]["ci"]
+        assert lo < true < hi
+        assert hi - lo < 1.0  # noise of 0.1 octave per point cannot make the interval wider than an octave
+    assert len(fit["draws"]["m"]) == N_DRAWS
+
+
+def test_fit_without_draws_has_no_interval_and_refuses_one_tpp():
+    points = [Point(1000, 1000 * s, s, 0.0) for s in (1, 2)]
+    fit = fit_power_lines(points, LR)
+    assert fit["m"]["ci"] is None
+    with pytest.raises(ValueError, match="2 distinct D/N"):
+        fit_power_lines([Point(1000, 5000, 5, 0.0), Point(2000, 10000, 10, 0.0)], LR)
+
+
+def test_held_out_on_the_law_passes():
+    points, held = grid()
+    result = judge_held_out(points, held, LR, goal=0.35)
+    assert result["outcome"] == "pass", result["reason"]
+    assert abs(result["errors"]["power_lines"]["estimate"]) < 1e-9
+    # the baselines from the smallest point (200k params, 120 steps): the timescale rule says lambda ~ 1/S,
+    # so its error is the law's change of log2 lambda beyond that; keep-the-proxy's is the whole change
+    proxy = points[0]
+    true_change = held.wd_log2 - proxy.wd_log2
+    assert result["errors"]["keep_proxy"]["estimate"] == pytest.approx(true_change)
+    assert result["errors"]["timescale"]["estimate"] == pytest.approx(true_change + math.log2(held.steps / proxy.steps))
+    # both baselines miss this law by far more than the goal
+    assert abs(result["errors"]["timescale"]["estimate"]) > 0.35 and abs(true_change) > 0.35
+
+
+def test_held_out_off_the_law_fails():
+    points, held = grid(offset=1.5)
+    result = judge_held_out(points, held, LR, goal=0.35)
+    assert result["outcome"] == "fail", result["reason"]
+    assert result["errors"]["power_lines"]["estimate"] == pytest.approx(1.5)
+    lo, hi = result["errors"]["power_lines"]["ci"]
+    assert lo > 0.35
+
+
+def law(draws: bool = True) -> WeightDecayLaw:
+    points, _ = grid()
+    fit = fit_power_lines(points, LR)
+    return WeightDecayLaw(log2_c=fit["log2_c"]["estimate"], m=fit["m"]["estimate"], lr=LR,
+                          fitted_tpp=[p.tpp for p in points], outcome="pass", source="check",
+                          draws={k: list(map(float, fit["draws"][k])) for k in ("log2_c", "m")} if draws else None)
+
+
+def test_weight_decay_at_target_follows_the_law():
+    target = dict(lr=LR / 4, params=1_000_000_000, tokens=20_000_000_000, steps=10_000)
+    fitted = weight_decay_at_target(law(), "fitted", 0.1, **target)
+    expected = 2.0 ** (-math.log2(LR / 4) - math.log2(10_000) - (LOG2_C + M * math.log2(20.0)))
+    assert fitted["applied"] and fitted["weight_decay"] == pytest.approx(expected, rel=1e-9)
+    lo, hi = fitted["interval_90"]
+    assert lo < expected < hi
+    assert fitted["tpp"] == pytest.approx(20.0) and fitted["beyond_limit"] == (20.0 / max(law().fitted_tpp) > 8)
+    off = weight_decay_at_target(law(), "off", 0.1, **target)
+    assert not off["applied"] and off["weight_decay"] == 0.1
+    assert off["law_weight_decay"] == pytest.approx(expected, rel=1e-9)  # shown by plan as the would-be value
+    assert weight_decay_at_target(None, "off", 0.1, **target)["weight_decay"] == 0.1
+    with pytest.raises(ConfigError, match="transfer.weight_decay"):
+        weight_decay_at_target(None, "fitted", 0.1, **target)
