@@ -116,3 +116,92 @@ def test_weight_decay_at_target_follows_the_law():
     assert weight_decay_at_target(None, "off", 0.1, **target)["weight_decay"] == 0.1
     with pytest.raises(ConfigError, match="transfer.weight_decay"):
         weight_decay_at_target(None, "fitted", 0.1, **target)
+
+
+# --- the lock: freeze attaches the law, a config applies it on demand, plan shows it ----------------
+
+
+def verdict_of(result: dict) -> dict:
+    """A Power Lines check's verdict.json as written (numpy arrays as lists)."""
+    from proxy_sweeps.transfer_verdict import _clean
+
+    return _clean({"outcome": result["outcome"], "reasons": [result["reason"]], "powerlines": result})
+
+
+def test_freeze_reads_the_law_from_a_check_directory(tmp_path):
+    from mutransfer.rundir import write_json
+    from proxy_sweeps.freeze import law_warnings, read_laws
+
+    points, held = grid()
+    write_json(tmp_path / "verdict.json", verdict_of(judge_held_out(points, held, LR, goal=0.35)))
+    write_json(tmp_path / "config.json", {"spec": {}})
+    laws = read_laws([tmp_path])
+    entry = laws["weight_decay"]
+    assert entry["kind"] == "weight_decay" and entry["m"] == pytest.approx(M) and entry["outcome"] == "pass"
+    assert len(entry["draws"]["m"]) == N_DRAWS and entry["m_ci"][0] < M < entry["m_ci"][1]
+    assert law_warnings(laws) == []
+    points, held = grid(offset=1.5)  # a check that failed: attached, with a warning in the lock
+    write_json(tmp_path / "verdict.json", verdict_of(judge_held_out(points, held, LR, goal=0.35)))
+    failed = read_laws([tmp_path])
+    assert [w["field"] for w in law_warnings(failed)] == ["laws.weight_decay"]
+    with pytest.raises(ConfigError, match="already attached"):
+        read_laws([tmp_path, tmp_path])
+
+
+def test_an_old_lock_without_the_law_still_loads():
+    from pathlib import Path
+
+    from mutransfer.lockfile import read_lock
+
+    lock = read_lock(Path(__file__).resolve().parents[1] / "full_scale" / "xmodel25_recipe.lock.json")
+    assert lock.laws.weight_decay is None
+
+
+def test_the_fitted_weight_decay_law_sets_lambda_only_when_asked(tmp_path, capsys):
+    from pathlib import Path
+
+    from full_scale.config import load_run_config
+    from mutransfer.cli import main
+    from mutransfer.config import HParams
+    from mutransfer.lockfile import write_lock
+    from mutransfer.plan import count_params
+    from mutransfer.presets import get_preset
+    from mutransfer.wd_law import wd_law_from_verdict
+
+    points, held = grid()
+    entry = wd_law_from_verdict(verdict_of(judge_held_out(points, held, LR, goal=0.35)), "check")
+    tiny = get_preset("tiny")
+    lock = tmp_path / "lock.json"
+    write_lock(lock, HParams(lr=0.01, weight_decay=0.1), tiny.param, tiny.model,
+               {"proxy_train": {"steps": 120, "batch_size": 8, "seq_len": 128}}, laws={"weight_decay": entry})
+    smoke = str(Path(__file__).resolve().parents[1] / "full_scale" / "smoke.toml")
+    off = load_run_config(smoke, [], str(lock))
+    assert off.hp.weight_decay == 0.1 and not off.wd_correction["applied"]  # the lock's value unless asked
+    on = load_run_config(smoke, ["transfer.weight_decay='fitted'"], str(lock))
+    params = count_params(on.shape)["params_total"]
+    tokens, steps = on.stages.total_tokens, on.stages.total_steps
+    expected = 2.0 ** (-math.log2(0.01) - math.log2(steps) - (LOG2_C + M * math.log2(tokens / params)))
+    assert on.hp.weight_decay == pytest.approx(expected, rel=1e-3)  # rel: the lock keeps 4 significant digits
+    assert on.hp.weight_decay != pytest.approx(0.1, rel=0.01)
+    assert on.to_json()["wd_correction"]["weight_decay"] == on.hp.weight_decay  # recorded in the run directory
+    assert main(["plan", smoke, "--hparams", str(lock), "--set", "transfer.weight_decay='fitted'"]) == 0
+    out = capsys.readouterr().out
+    assert f"gives base lambda {expected:.3g}"[:24] in out and "; applied" in out
+    assert main(["plan", smoke, "--hparams", str(lock)]) == 0
+    assert "not applied: the run keeps the lock's 0.1" in capsys.readouterr().out
+
+
+def test_fitted_weight_decay_without_a_law_exits_2_naming_the_field(tmp_path, capsys):
+    from pathlib import Path
+
+    from mutransfer.cli import main
+    from mutransfer.config import HParams
+    from mutransfer.lockfile import write_lock
+    from mutransfer.presets import get_preset
+
+    tiny = get_preset("tiny")
+    lock = tmp_path / "lock.json"
+    write_lock(lock, HParams(lr=0.01), tiny.param, tiny.model, {})
+    smoke = str(Path(__file__).resolve().parents[1] / "full_scale" / "smoke.toml")
+    assert main(["plan", smoke, "--hparams", str(lock), "--set", "transfer.weight_decay='fitted'"]) == 2
+    assert "transfer.weight_decay = 'fitted' but the lock has no weight-decay law" in capsys.readouterr().err
