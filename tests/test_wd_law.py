@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +208,106 @@ def test_fitted_weight_decay_without_a_law_exits_2_naming_the_field(tmp_path, ca
     smoke = str(Path(__file__).resolve().parents[1] / "full_scale" / "smoke.toml")
     assert main(["plan", smoke, "--hparams", str(lock), "--set", "transfer.weight_decay='fitted'"]) == 2
     assert "transfer.weight_decay = 'fitted' but the lock has no weight-decay law" in capsys.readouterr().err
+
+
+# --- the check: widths x steps, judged by the law -------------------------------------------------
+
+CHECK = {"axis": "steps", "values": [16, 32, 64], "widths": [32, 64, 128], "parametrizations": ["mup"],
+         "tune": "weight_decay", "wd_log2_low": -8.0, "wd_log2_high": 4.0, "seeds": 3}
+TINY_TRAIN = {"steps": 16, "batch_size": 4, "seq_len": 32, "warmup": 2, "eval_every": 8, "eval_batches": 1,
+              "eval_batch_size": 4}
+
+
+def check_spec(**transfer):
+    from proxy_sweeps.transfer import spec_from_mapping
+
+    return spec_from_mapping({"transfer": {**CHECK, **transfer}, "model": {"preset": "tiny"}, "train": TINY_TRAIN,
+                              "hparams": {"lr": LR}})
+
+
+def test_a_powerlines_check_is_widths_x_steps_of_weight_decay():
+    s = check_spec()
+    assert [v.name for v in s.variants] == ["mup-w32", "mup-w64", "mup-w128"]
+    assert [s.shape_at(v, 16).model.d_model for v in s.variants] == [32, 64, 128]
+    for bad, message in (({"tune": "lr"}, "tune = 'weight_decay'"),
+                         ({"parametrizations": ["mup", "sp"]}, "give one parametrization"),
+                         ({"widths": [64, 32]}, "ascending")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_spec(**bad)
+
+
+def synthetic_runs(out, s, offset: float = 0.0):
+    """Held-out losses whose optimum follows the synthetic law at each (N, D) point (the largest off by
+    ``offset`` octaves), parabolic in log2 lambda, with seed and batch noise."""
+    from mutransfer.plan import count_params
+    from tests.test_transfer_axes import write_runs
+
+    def optimum(name: str, value: int) -> float:
+        variant = next(v for v in s.variants if v.name == name)
+        train = s.train_at(value)
+        params = count_params(s.shape_at(variant, value))["params_total"]
+        true = float(predict_wd_log2(LOG2_C, M, LR, params, train.steps * train.tokens_per_step, train.steps))
+        return true + (offset if (variant, value) == (s.variants[-1], s.settings.values[-1]) else 0.0)
+
+    write_runs(out, s, optimum, noise=0.005)
+    return optimum
+
+
+@pytest.mark.parametrize("offset, outcome", [(0.0, "pass"), (2.0, "fail")])
+def test_the_check_judges_the_laws_held_out_prediction(tmp_path, offset, outcome):
+    from proxy_sweeps.transfer_verdict import format_verdict, judge
+
+    s = check_spec()
+    synthetic_runs(tmp_path, s, offset)
+    v = judge(tmp_path, s)
+    assert v["outcome"] == outcome, v["reasons"]
+    fit = v["powerlines"]["fit"]
+    # 0.005 nats of noise on curves of 0.03 nats/octave^2 place each optimum to ~0.1 octave: m to ~0.2
+    assert fit["m"]["estimate"] == pytest.approx(M, abs=0.2 if offset == 0 else 1.0)
+    assert set(v["powerlines"]["errors"]) == {"power_lines", "timescale", "keep_proxy"}
+    assert "Power Lines law" in format_verdict(v)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "proxy_sweeps" / "wd_powerlines_tiny.toml"
+
+
+def test_the_shipped_check_is_3x3_and_spans_tokens_per_parameter():
+    from mutransfer.plan import count_params
+    from proxy_sweeps.transfer import load_transfer_spec
+
+    s = load_transfer_spec(SHIPPED)
+    assert s.settings.widths == [32, 64, 128] and s.settings.values == [120, 240, 480]
+    tpp = [s.train_at(v).steps * s.train_at(v).tokens_per_step / count_params(s.shape_at(var, v))["params_total"]
+           for var in s.variants for v in s.settings.values]
+    assert max(tpp) / min(tpp) >= 8  # the span a law needs (the horizon checks' 8x), here in D/N
+
+
+@pytest.mark.slow
+def test_a_reduced_powerlines_check_trains_and_writes_the_law(tmp_path):
+    """The shipped file on a reduced grid (2 widths x 3 short horizons x 3 weight decays x 2 seeds, tiny
+    batches): every run trains, verdict.json holds c, m, their intervals and the three held-out errors,
+    and freeze's reader turns it into a lock entry."""
+    from mutransfer.cli import main
+    from proxy_sweeps.freeze import read_laws
+    from proxy_sweeps.transfer import read_runs
+
+    out = tmp_path / "out"
+    overrides = ["transfer.widths=[32, 64]", "transfer.values=[8, 16, 32]", "transfer.seeds=2",
+                 "transfer.wd_log2_low=-2", "transfer.wd_log2_high=4", "transfer.wd_log2_step=3",
+                 "transfer.bootstrap=200", "train.steps=8", "train.batch_size=4", "train.seq_len=32",
+                 "train.warmup=1", "train.decay=2", "train.eval_every=8", "train.eval_batches=1",
+                 "train.eval_batch_size=4"]
+    args = ["transfer-check", str(SHIPPED), "--out", str(out), "--workers", "2", "--quiet"]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) in (0, 1, 3)
+    runs = read_runs(out)
+    assert len(runs) == 2 * 3 * 3 * 2 and {r["status"] for r in runs} == {"ok"}
+    assert {r["width"] for r in runs} == {32, 64}
+    verdict = json.loads((out / "verdict.json").read_text())
+    power = verdict["powerlines"]
+    for name in ("log2_c", "m"):
+        assert power["fit"][name]["estimate"] is not None and len(power["fit"][name]["ci"]) == 2
+    assert set(power["errors"]) == {"power_lines", "timescale", "keep_proxy"}
+    assert all(e["estimate"] is not None for e in power["errors"].values())
+    assert read_laws([out])["weight_decay"]["source"] == str(out)
