@@ -73,6 +73,7 @@ class RunConfig:
     tracking: TrackingSettings
     hparams: HParams  # the lock's, with [residual]'s multipliers and the fitted laws' LR when asked
     lr_correction: dict  # mutransfer.laws.correction: the factor on the base LR and its terms
+    wd_correction: dict | None = None  # mutransfer.wd_law.weight_decay_at_target: the base weight decay's origin
 
     @property
     def hp(self) -> HParams:
@@ -110,6 +111,7 @@ class RunConfig:
                              "warnings": [w.model_dump() for w in self.lock.warnings]},
             "hparams": self.hp.model_dump(),
             "lr_correction": self.lr_correction,
+            "wd_correction": self.wd_correction,
             "model": self.shape.model.model_dump(),
             "param": self.shape.param.model_dump(),
             "param_from_lock": "param" not in self.raw,
@@ -142,4 +144,5 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     return RunConfig(raw=raw, path=str(path), overrides=tuple(overrides), shape=shape, lock=lock,
                      lock_path=str(lock_path), stages=run.stages, train=run.train, parallel=run.parallel,
                      checkpoint=run.checkpoint, metrics=run.metrics, data=run.data, transfer=run.transfer,
-                     residual=run.residual, tracking=run.tracking, hparams=run.hparams, lr_correction=run.lr_correction)
+                     residual=run.residual, tracking=run.tracking, hparams=run.hparams, lr_correction=run.lr_correction,
+                     wd_correction=run.wd_correction)

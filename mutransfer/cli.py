@@ -126,10 +126,11 @@ def _run_plan_staged(args, gpu_memory: int) -> int:
     plan["lock_warnings"] = [w.message for w in lock.warnings]
     fix = with_tokens_per_parameter(run.lr_correction, lock.laws, run.stages.total_tokens, plan["params_total"])
     applied = run.transfer.horizon == "fitted" or run.transfer.batch == "fitted"
+    wd_applied = run.wd_correction["weight_decay"] if run.wd_correction and run.wd_correction["applied"] else None
     plan["lr_transfer"] = {"correction": fix, "groups": transfer_table(lock, shape, fix["factor"] if applied
                                                                         else _would_be(fix), applied,
-                                                                        fix["interval_90"]),
-                           "weight_decay": weight_decay_transfer()}
+                                                                        fix["interval_90"], wd_applied),
+                           "weight_decay": weight_decay_transfer(run.wd_correction)}
     plan["warnings"] = fix["warnings"]
     plan["recipe_choices"] = recipe_choices(shape, run.stages, run.residual, lock.hparams, run.hparams)
     plan["schedule"] = describe_stages(raw, shape, run.hparams)
@@ -142,7 +143,8 @@ def _run_plan_staged(args, gpu_memory: int) -> int:
         print(format_plan(plan))
         print_lock_warnings(plan["lock_warnings"])
         print()
-        for block in (format_transfer_table(plan["lr_transfer"]["groups"], fix, plan["warnings"]),
+        for block in (format_transfer_table(plan["lr_transfer"]["groups"], fix, plan["warnings"],
+                                            run.wd_correction),
                       format_stages(plan["schedule"]), format_choices(plan["recipe_choices"]), format_memory(memory)):
             print(block)
             print()

@@ -48,6 +48,7 @@ from mutransfer.config import (
     parse,
     updated,
 )
+from mutransfer.wd_law import WeightDecayLaw
 
 LAW_KINDS = ("horizon", "batch")
 OUTCOMES = ("pass", "fail", "inconclusive")  # a transfer check's verdict
@@ -65,12 +66,15 @@ EXTRAPOLATION_LIMIT = 8.0
 
 
 class TransferCorrection(Config):
-    """``[transfer]`` of a full-scale config: apply the lock's fitted laws to the base LR, or not."""
+    """``[transfer]`` of a full-scale config: apply the lock's fitted laws to the base LR (and the Power
+    Lines law to the base weight decay, ``mutransfer.wd_law``), or not."""
 
     horizon: Literal["fitted", "off"] = "off"
     """LR x (D_target / D_proxy)^-beta from the lock's horizon law"""
     batch: Literal["fitted", "off"] = "off"
     """LR x (B_target / B_proxy)^-beta from the lock's batch law"""
+    weight_decay: Literal["fitted", "off"] = "off"
+    """base lambda from the lock's Power Lines law at the target's N and D (mutransfer.wd_law)"""
 
 
 class LawDraws(Config):
@@ -138,6 +142,7 @@ class Laws(Config):
 
     horizon: Law | None = None
     batch: Law | None = None
+    weight_decay: WeightDecayLaw | None = None  # the Power Lines law of the base weight decay (mutransfer.wd_law)
 
     @field_validator("horizon", "batch")
     @classmethod
@@ -147,6 +152,7 @@ class Laws(Config):
         return law
 
     def items(self) -> list[tuple[str, Law]]:
+        """The LR laws present (horizon, batch); the weight-decay law is ``weight_decay``."""
         return [(kind, getattr(self, kind)) for kind in LAW_KINDS if getattr(self, kind) is not None]
 
 

@@ -319,12 +319,13 @@ def format_memory(mem: dict) -> str:
 # ---------------------------------------------------------------- from the proxy's LR to the target's
 
 def transfer_table(lock, target: RunShape, factor: float, applied: bool,
-                   interval: list[float] | None = None) -> list[dict]:
+                   interval: list[float] | None = None, weight_decay: float | None = None) -> list[dict]:
     """Per optimizer and role: the LR at the proxy's shape (where the lock was tuned), at the
     target's shape (the muP table's width/depth transfer), and after the fitted horizon/batch laws
     (``factor``; applied to the run only when its config asks for it), with ``lr_interval_90``: the
     corrected LR at the ends of ``interval`` (the factor's 90 % interval, ``laws.factor_interval``;
-    None without one). Each group's weight decay is the lock's under the muP table: no law moves it."""
+    None without one). Each group's weight decay is the lock's under the muP table, or, given
+    ``weight_decay`` (the base value the Power Lines law set: ``mutransfer.wd_law``), that one's."""
     from mutransfer.config import RunShape as Shape
     from mutransfer.config import updated
     proxy = Shape(model=lock.proxy_model, param=lock.param)
@@ -342,26 +343,49 @@ def transfer_table(lock, target: RunShape, factor: float, applied: bool,
             if optimizer == "muon" and at_proxy.optimizer != "muon":
                 continue
             at_target = resolve_role(role, target.model, target.param, hp, optimizer)
+            wd = at_target.weight_decay if weight_decay is None else resolve_role(
+                role, target.model, target.param, updated(hp, "transfer", weight_decay=weight_decay),
+                optimizer).weight_decay
             rows.append({"optimizer": at_target.optimizer, "role": role.value, "proxy_lr": at_proxy.lr,
                          "target_lr": at_target.lr, "corrected_lr": lr_at(role, optimizer, factor), "applied": applied,
                          "lr_interval_90": [lr_at(role, optimizer, f) for f in interval] if interval else None,
-                         "weight_decay": at_target.weight_decay, "weight_decay_by_law": False})
+                         "weight_decay": wd, "weight_decay_by_law": weight_decay is not None})
     return rows
 
 
-def weight_decay_transfer() -> dict:
-    """What plan says about lambda: the lock's laws are LR laws, so no law transfers it."""
-    return {"transferred_by_law": False, "interval_90": None,
-            "note": "weight decay is not transferred by a law: the lock's laws carry the LR only (a transfer check "
-                    "that tuned weight decay attaches none), so each group's lambda is the lock's base value under "
-                    "the muP table, with no interval; AdamW's decay per step (LR x lambda) follows the corrected LR"}
+def weight_decay_transfer(wd: dict | None = None) -> dict:
+    """What plan says about lambda: the Power Lines law's value at the target's tokens per parameter
+    (``wd``: ``mutransfer.wd_law.weight_decay_at_target``; applied or would-be), or, without a law in
+    the lock, that no law transfers it."""
+    if not wd or "law_weight_decay" not in wd:
+        return {"transferred_by_law": False, "interval_90": None,
+                "note": "weight decay is not transferred by a law: the lock has no weight-decay law (attach a "
+                        "Power Lines check with `freeze --law`), so each group's lambda is the lock's base value "
+                        "under the muP table, with no interval; AdamW's decay per step (LR x lambda) follows the "
+                        "corrected LR"}
+    ci = wd.get("interval_90")
+    interval = f", 90 % interval [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+    state = ("applied" if wd["applied"] else
+             f"not applied: the run keeps the lock's {wd['lock_weight_decay']:.3g}; [transfer] weight_decay = "
+             "'fitted' applies it")
+    note = (f"the Power Lines law (tau_opt = c (D/N)^m) gives base lambda {wd['law_weight_decay']:.4g}{interval} at "
+            f"{wd['tpp']:.3g} tokens/parameter, {wd['steps']} steps and base LR {wd['lr']:.4g} (tau {wd['tau']:.3g}; "
+            f"fitted up to {wd['fitted_tpp_max']:.3g} tokens/parameter: target / largest fitted "
+            f"x{wd['extrapolation']:.3g}); {state}")
+    if wd["beyond_limit"]:
+        note += "; warning: carried past the 8x the law is trusted to"
+    if wd["outcome"] != "pass":
+        note += f"; warning: its check's verdict was {wd['outcome']}, not pass"
+    return {"transferred_by_law": wd["applied"], "weight_decay": wd["weight_decay"],
+            "law_weight_decay": wd["law_weight_decay"], "tokens_per_parameter": wd["tpp"],
+            "interval_90": ci, "note": note}
 
 
 def _number(x: float | None) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
-def format_transfer_table(rows: list[dict], fix: dict, warnings: list[dict] = ()) -> str:
+def format_transfer_table(rows: list[dict], fix: dict, warnings: list[dict] = (), wd: dict | None = None) -> str:
     def term(kind: str, t: dict) -> str:
         if t.get("applied"):
             return (f"{kind} x{t['factor']:.3g} ({t['unit']} {t['proxy']:.3g} -> {t['target']:.3g}, "
@@ -397,6 +421,6 @@ def format_transfer_table(rows: list[dict], fix: dict, warnings: list[dict] = ()
                          f"trusted up to x{t['extrapolation_limit']:g}){tpp_text}")
     else:
         lines.append("interval: none (no fitted law: the LR is carried by muP alone, exactly as the lock holds it)")
-    lines.append("weight decay: " + weight_decay_transfer()["note"])
+    lines.append("weight decay: " + weight_decay_transfer(wd)["note"])
     lines += [f"warning: {w['message']}" for w in warnings]
     return "\n".join(lines)

@@ -149,6 +149,7 @@ class CheckedRun:
     stages: StagePlan
     hparams: HParams  # the lock's, with [residual]'s multipliers and the fitted laws' LR when asked
     lr_correction: dict  # mutransfer.laws.correction: the factor on the base LR and its terms
+    wd_correction: dict | None = None  # mutransfer.wd_law.weight_decay_at_target: the run's base lambda, how reached
 
 
 def with_residual(hp: HParams, residual: ResidualSettings) -> HParams:
@@ -196,6 +197,18 @@ def check_fused_muon(shape: RunShape, stages: StagePlan) -> None:
                       "set optimizer.muon_fuse = false")
 
 
+def weight_decay_of(lock, shape: RunShape, stages: StagePlan, hp: HParams, use: TransferCorrection) -> dict:
+    """The base weight decay of the run (``mutransfer.wd_law.weight_decay_at_target``): the lock's, or with
+    ``transfer.weight_decay = "fitted"`` the Power Lines law's at the target's parameters, tokens and
+    steps, at the run's base LR (after any LR law)."""
+    from mutransfer.plan import count_params
+    from mutransfer.wd_law import weight_decay_at_target
+
+    params = count_params(shape)["params_total"] if lock.laws.weight_decay is not None else 1
+    return weight_decay_at_target(lock.laws.weight_decay, use.weight_decay, hp.weight_decay, hp.lr, params,
+                                  stages.total_tokens, stages.total_steps)
+
+
 def check_run(raw: dict, shape: RunShape, lock, hp: HParams | None = None) -> CheckedRun:
     """The one validation of a staged config against its target and lock (``plan`` and ``train``).
 
@@ -220,9 +233,13 @@ def check_run(raw: dict, shape: RunShape, lock, hp: HParams | None = None) -> Ch
     run_hp = corrected(base, fix["factor"])
     if fix["factor"] != 1.0:  # the stage plan's LR unit (the hidden peak) follows the corrected LR
         stages = parse_stages(raw, shape, run_hp)
+    wd = weight_decay_of(lock, shape, stages, run_hp, tables["transfer"])
+    if wd["applied"]:
+        run_hp = updated(run_hp, "transfer.weight_decay", weight_decay=wd["weight_decay"])
+        stages = parse_stages(raw, shape, run_hp)
     check_checkpointing_policies(shape, train, stages)
     check_fused_muon(shape, stages)
     if train.eval_seq_len is not None and train.eval_seq_len > shape.model.max_seq_len:
         raise ConfigError(f"train.eval_seq_len = {train.eval_seq_len} exceeds model.max_seq_len = "
                           f"{shape.model.max_seq_len}")
-    return CheckedRun(**tables, stages=stages, hparams=run_hp, lr_correction=fix)
+    return CheckedRun(**tables, stages=stages, hparams=run_hp, lr_correction=fix, wd_correction=wd)

@@ -141,14 +141,19 @@ def check_out(lock_path) -> Path:
 
 
 def read_laws(dirs) -> dict:
-    """{kind: law} from transfer-check directories along steps (horizon) or batch_size (batch)."""
+    """{kind: law} from transfer-check directories along steps (horizon), batch_size (batch), or a Power
+    Lines check of the weight decay over widths x steps (weight_decay)."""
     from mutransfer.laws import law_from_verdict
+    from mutransfer.wd_law import wd_law_from_verdict
 
     laws = {}
     for d in dirs or ():
         verdict = read_json(Path(d) / "verdict.json", "transfer-check verdict")
         config = read_json(Path(d) / "config.json", "transfer-check config")
-        law = law_from_verdict(verdict, config, str(d))
+        if verdict.get("powerlines"):  # a Power Lines check (transfer.widths): the weight-decay law
+            law = wd_law_from_verdict(verdict, str(d))
+        else:
+            law = law_from_verdict(verdict, config, str(d))
         if law["kind"] in laws:
             raise ConfigError(f"--law {d}: a {law['kind']} law is already attached "
                               f"(from {laws[law['kind']]['source']})")

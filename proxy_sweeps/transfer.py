@@ -127,6 +127,8 @@ class TransferSettings(Config):
     """steps axis: decay per horizon"""
     tokens: PosInt | None = None
     """batch_size axis: the fixed token budget of every run"""
+    widths: list[PosInt] = Field(default_factory=list)
+    """Power Lines check: model widths crossed with the steps values"""
 
     @model_validator(mode="after")
     def _grid(self) -> TransferSettings:
@@ -145,10 +147,24 @@ class TransferSettings(Config):
                              f"{prefix}_log2_step")
         if self.axis == "batch_size" and self.tokens is None:
             raise ValueError("axis = 'batch_size' needs tokens (the fixed token budget of every run)")
+        if self.widths:
+            self._check_widths()
         if self.axis in ("steps", "batch_size") and len(self.values) < 3:
             raise ValueError(f"values = {self.values}: a {self.axis} law is fitted on all but the largest value, "
                              "so give at least three")
         return self
+
+    def _check_widths(self) -> None:
+        """A Power Lines check (``widths``): weight decay over widths x steps, one variant family."""
+        if self.axis != "steps" or self.tune != "weight_decay":
+            raise ValueError(f"widths = {self.widths}: a Power Lines check crosses widths with the steps axis "
+                             f"tuning the weight decay (axis = 'steps', tune = 'weight_decay'), not axis = "
+                             f"{self.axis!r}, tune = {self.tune!r}")
+        if len(self.widths) < 2 or sorted(set(self.widths)) != self.widths:
+            raise ValueError(f"widths = {self.widths}: give at least two, ascending without repeats")
+        if len(self.parametrizations) != 1 or len(self.depth_alphas) > 1:
+            raise ValueError("widths: a Power Lines check fits one law, so give one parametrization (and at most "
+                             f"one depth alpha), not {self.parametrizations} {self.depth_alphas or ''}".rstrip())
 
     @property
     def goal(self) -> float:
@@ -182,10 +198,16 @@ class Variant(Config):
 
     parametrization: Parametrization
     depth_alpha: float | None = None
+    width: PosInt | None = None  # a Power Lines check's model width (transfer.widths)
+
+    @property
+    def family(self) -> str:
+        """The name without the width: the points of one family share their bootstrap draws."""
+        return self.parametrization if self.depth_alpha is None else f"{self.parametrization}(a={self.depth_alpha:g})"
 
     @property
     def name(self) -> str:
-        return self.parametrization if self.depth_alpha is None else f"{self.parametrization}(a={self.depth_alpha:g})"
+        return self.family if self.width is None else f"{self.family}-w{self.width}"
 
 
 class TransferSpec:
@@ -213,6 +235,8 @@ class TransferSpec:
                 out += [Variant(parametrization=p, depth_alpha=a) for a in self.settings.depth_alphas]
             else:
                 out.append(Variant(parametrization=p))
+        if self.settings.widths:  # a Power Lines check: every family at every width
+            out = [updated(v, "transfer.widths", width=w) for v in out for w in self.settings.widths]
         return out
 
     def shape_at(self, variant: Variant, value: int) -> RunShape:
@@ -221,7 +245,7 @@ class TransferSpec:
         if variant.depth_alpha is not None:
             changes["depth_alpha"] = variant.depth_alpha
         param = updated(self.shape.param, "param", **changes)
-        model = self.shape.model
+        model = self.shape.model if variant.width is None else at_width(self.shape.model, variant.width)
         if self.settings.axis == "width":
             model = at_width(model, value)
         elif self.settings.axis == "depth":

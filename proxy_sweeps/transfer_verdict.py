@@ -17,7 +17,8 @@ optimum log2 LR (parabola vertex) and its bootstrap interval (``optimum_stats``)
 
 Tuning weight decay instead (``transfer.tune = "weight_decay"``, at a fixed LR), the steps and
 batch axes are decided by the timescale rule (lambda eta T constant: log2 lambda* = c - log2 T,
-T the steps of the run, only c fitted) predicting the largest value; the free law beside it.
+T the steps of the run, only c fitted) predicting the largest value; the free law beside it. With
+``transfer.widths`` (widths x steps) the Power Lines law decides instead (``proxy_sweeps.wd_powerlines``).
 
 The seeds are crossed with the axis: seed s is the same initialisation seed and data order at
 every value, and every run is scored on the same held-out batches. So one variant's values share
@@ -231,11 +232,19 @@ def judge(out_dir: str | Path, spec) -> dict:
     report = {}
     for variant in spec.variants:
         rs = [r for r in runs if r["variant"] == variant.name]
-        report[variant.name] = _variant_report(rs, xs, values, settings, variant.name)
+        report[variant.name] = _variant_report(rs, xs, values, settings, getattr(variant, "family", variant.name))
     verdict = {"axis": s.axis, "values": values, "span": values[-1] / values[0], "goal_octaves": settings["goal"],
                "confidence": s.confidence, "bootstrap": s.bootstrap, "tune": s.tune, "grid_key": s.grid_key,
                "knob": "LR" if s.tune == "lr" else "weight decay", "grid": xs, "variants": {}}
-    if s.axis in ("width", "depth"):
+    if getattr(s, "widths", None):  # a Power Lines check: widths x steps (proxy_sweeps.wd_powerlines)
+        from proxy_sweeps.wd_powerlines import judge_powerlines
+
+        verdict["powerlines"] = judge_powerlines(spec, report)
+        decision = {**verdict["powerlines"]["decision"], "outcome": verdict["powerlines"]["outcome"],
+                    "exit_status": verdict["powerlines"]["exit_status"], "primary": spec.variants[-1].name,
+                    "reasons": [f"the Power Lines law fitted below the largest (width, steps) predicts its weight "
+                                f"decay: {verdict['powerlines']['reason']}"]}
+    elif s.axis in ("width", "depth"):
         decision = _width_like(report, settings, values)
     else:
         tested = next((v for v in report if v != CONTROL), next(iter(report)))
@@ -289,6 +298,10 @@ def format_verdict(verdict: dict) -> str:
                          f"{_octaves(rule.get('prediction'))}, residual {_octaves(rule.get('residual'))}")
         if law.get("critical"):
             lines.append(f"critical batch: {law['critical']['note']}")
+    if verdict.get("powerlines"):
+        from proxy_sweeps.wd_powerlines import format_powerlines
+
+        lines += format_powerlines(verdict["powerlines"])
     extra = verdict.get("extra_seeds_needed")
     more = f" (about {extra} more seeds would likely decide it: --seeds)" if extra else ""
     lines.append(f"verdict: {verdict['outcome'].upper()}{more}: " + "; ".join(verdict["reasons"]))

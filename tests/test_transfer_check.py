@@ -46,7 +46,8 @@ def test_shipped_transfer_files_parse():
     axes = {name: (s.settings.axis, s.settings.tune) for name, s in shipped.items()}
     assert {("width", "lr"), ("depth", "lr"), ("steps", "lr"), ("batch_size", "lr"),
             ("steps", "weight_decay")} <= set(axes.values()), axes
-    assert all(s.settings.values[-1] / s.settings.values[0] >= 8 for s in shipped.values())
+    # a Power Lines check (widths) spans its law's axis, tokens per parameter: tests/test_wd_law.py checks it
+    assert all(s.settings.values[-1] / s.settings.values[0] >= 8 for s in shipped.values() if not s.settings.widths)
 
 
 @pytest.mark.slow
