@@ -57,7 +57,6 @@ from mutransfer.rundir import (
     check_output_dir,
     cpu_count,
     environment,
-    read_json,
     read_jsonl,
     write_json,
 )
@@ -67,7 +66,7 @@ from mutransfer.tracking import TrackingSettings, check_installed
 from mutransfer.tracking import prepare as prepare_tracking
 from proxy_sweeps.joint_config import JointSettings, RunPoint
 from proxy_sweeps.processes import Stopped, stops_raised
-from proxy_sweeps.transfer import RUNS_FILE, Variant, _run_chains, done_keys
+from proxy_sweeps.transfer import RUNS_FILE, Variant, _run_chains, done_keys, open_check_data
 from proxy_sweeps.transfer_verdict import losses_table
 
 TABLES = ("joint", "proxy", "target", "model", "param", "data", "train", "hparams", "tracking")
@@ -399,8 +398,6 @@ def _definition(spec: JointSpec) -> dict:
 def run_joint_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(), seeds: int | None = None,
                     allow_data_change: bool = False) -> int:
     """``mutransfer transfer-check FILE`` for a file with a [target] table; the exit status."""
-    from mutransfer.data.builtin import open_dataset
-    from mutransfer.training import short_eval_warning
 
     if workers < 1:
         raise ConfigError(f"--workers = {workers} must be >= 1")
@@ -409,20 +406,8 @@ def run_joint_check(path, out_dir, workers: int = 1, quiet: bool = False, overri
     spec = load_joint_spec(path, overrides)
     law_terms(spec, read_laws(spec))  # the laws are read and checked before any compute
     out = check_output_dir(out_dir)
-    dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
-    warning = short_eval_warning(dataset, spec.train)
-    if warning:
-        print(warning, file=sys.stderr)
+    dataset = open_check_data(spec, out, _definition(spec), "joint check", "joint.seeds", allow_data_change)
     config_path = out / "config.json"
-    if config_path.is_file():
-        old = read_json(config_path, "joint-check config")
-        if old.get("definition") != _definition(spec):
-            raise ConfigError(f"{out}: holds a check of a different definition; use another --out "
-                              "(only joint.seeds may change between runs into one directory)")
-        if old.get("data_fingerprint") != dataset.fingerprint and not allow_data_change:
-            raise ConfigError(f"{out}: its runs were trained on data with fingerprint "
-                              f"{str(old.get('data_fingerprint'))[:16]}..., data {spec.data!r} now has "
-                              f"{dataset.fingerprint[:16]}...; use another --out or pass --allow-data-change")
     out.mkdir(parents=True, exist_ok=True)
     write_json(config_path, {"check": "joint", "spec_file": str(Path(path).resolve()), "overrides": list(overrides),
                              "data_fingerprint": dataset.fingerprint, "grid_key": "lr_log2",

@@ -472,10 +472,32 @@ def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: i
                       file=sys.stderr)
 
 
-def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(),
-                       seeds: int | None = None, allow_data_change: bool = False) -> int:
+def open_check_data(spec, out: Path, definition: dict, what: str, seeds_field: str, allow_data_change: bool):
+    """The check's data, opened and checked before any compute (a transfer check's or a joint check's):
+    a held-out split smaller than one evaluation is a warning; a re-run into ``out`` must have the same
+    definition (only ``seeds_field`` may change) and the same data unless ``allow_data_change``."""
     from mutransfer.data.builtin import open_dataset
     from mutransfer.training import short_eval_warning
+
+    dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
+    warning = short_eval_warning(dataset, spec.train)
+    if warning:
+        print(warning, file=sys.stderr)
+    config_path = out / "config.json"
+    if config_path.is_file():
+        old = read_json(config_path, f"{what} config")
+        if old.get("definition") != definition:
+            raise ConfigError(f"{out}: holds a {what} of a different definition; use another --out "
+                              f"(only {seeds_field} may change between runs into one directory)")
+        if old.get("data_fingerprint") != dataset.fingerprint and not allow_data_change:
+            raise ConfigError(f"{out}: its runs were trained on data with fingerprint "
+                              f"{str(old.get('data_fingerprint'))[:16]}..., data {spec.data!r} now has "
+                              f"{dataset.fingerprint[:16]}...; use another --out or pass --allow-data-change")
+    return dataset
+
+
+def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, overrides=(),
+                       seeds: int | None = None, allow_data_change: bool = False) -> int:
     from proxy_sweeps.transfer_verdict import format_verdict, judge
 
     if workers < 1:
@@ -484,24 +506,10 @@ def run_transfer_check(path, out_dir, workers: int = 1, quiet: bool = False, ove
         overrides = [*overrides, f"transfer.seeds={seeds}"]
     spec = load_transfer_spec(path, overrides)
     out = check_output_dir(out_dir)
-    # checked before any compute
-    dataset = open_dataset(spec.data, spec.shape.model.tokenizer, vocab_size=spec.shape.model.vocab_size)
-    warning = short_eval_warning(dataset, spec.train)
-    if warning:
-        print(warning, file=sys.stderr)
-    config_path = out / "config.json"
-    if config_path.is_file():
-        old = read_json(config_path, "transfer-check config")
-        if old.get("definition") != _definition(spec):
-            raise ConfigError(f"{out}: holds a transfer check of a different definition; use another --out "
-                              "(only transfer.seeds may change between runs into one directory)")
-        if old.get("data_fingerprint") != dataset.fingerprint and not allow_data_change:
-            raise ConfigError(f"{out}: its runs were trained on data with fingerprint "
-                              f"{str(old.get('data_fingerprint'))[:16]}..., data {spec.data!r} now has "
-                              f"{dataset.fingerprint[:16]}...; use another --out or pass --allow-data-change")
+    dataset = open_check_data(spec, out, _definition(spec), "transfer check", "transfer.seeds", allow_data_change)
     out.mkdir(parents=True, exist_ok=True)
     prepare_tracking(spec.tracking, out)  # e.g. MLflow's database, once, before the workers open runs in it
-    write_json(config_path, {"spec_file": str(Path(path).resolve()), "overrides": list(overrides),
+    write_json(out / "config.json", {"spec_file": str(Path(path).resolve()), "overrides": list(overrides),
                              "data_fingerprint": dataset.fingerprint, "tune": spec.settings.tune,
                              "grid_key": spec.settings.grid_key, "grid": spec.grid,
                              "definition": _definition(spec), "spec": spec.raw})
