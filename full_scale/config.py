@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mutransfer.config import HParams, RunShape
@@ -25,6 +25,7 @@ from mutransfer.lockfile import Lock, check_lock_matches, read_lock
 from mutransfer.plan import shape_from_config
 from mutransfer.run_config import (
     TOP_LEVEL,
+    CheckedRun,
     CheckpointSettings,
     DataSettings,
     FullTrain,
@@ -37,8 +38,7 @@ from mutransfer.run_config import (
     read_config,
     section,
 )
-from mutransfer.stages import StagePlan
-from mutransfer.tracking import TrackingSettings, check_installed
+from mutransfer.tracking import check_installed
 
 __all__ = ["TOP_LEVEL", "NOT_TRAJECTORY", "CONFIG_TABLES", "RunConfig", "load_run_config", "lock_path_of",
            "main_batch", "FullTrain", "ParallelSettings", "CheckpointSettings", "MetricsSettings", "DataSettings",
@@ -54,26 +54,16 @@ CONFIG_TABLES = ("Full-scale config (mutransfer train)",
                   ("[residual]", ResidualSettings)])
 
 
-@dataclass(frozen=True)
-class RunConfig:
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(CheckedRun):
+    """A checked run (every table, the stage plan, the run's hyperparameters) with where it came from."""
+
     raw: dict  # the TOML after overrides: what config.json records
     path: str
     overrides: tuple[str, ...]
     shape: RunShape
     lock: Lock
     lock_path: str
-    stages: StagePlan
-    train: FullTrain
-    parallel: ParallelSettings
-    checkpoint: CheckpointSettings
-    metrics: MetricsSettings
-    data: DataSettings
-    transfer: TransferCorrection
-    residual: ResidualSettings
-    tracking: TrackingSettings
-    hparams: HParams  # the lock's, with [residual]'s multipliers and the fitted laws' LR when asked
-    lr_correction: dict  # mutransfer.laws.correction: the factor on the base LR and its terms
-    wd_correction: dict | None = None  # mutransfer.wd_law.weight_decay_at_target: the base weight decay's origin
 
     @property
     def hp(self) -> HParams:
@@ -142,7 +132,4 @@ def load_run_config(path: str, overrides: list[str] | tuple[str, ...] = (), hpar
     run = check_run(raw, shape, lock)
     check_installed(run.tracking)  # this machine's: plan leaves it to the trainer, like the precision backend
     return RunConfig(raw=raw, path=str(path), overrides=tuple(overrides), shape=shape, lock=lock,
-                     lock_path=str(lock_path), stages=run.stages, train=run.train, parallel=run.parallel,
-                     checkpoint=run.checkpoint, metrics=run.metrics, data=run.data, transfer=run.transfer,
-                     residual=run.residual, tracking=run.tracking, hparams=run.hparams, lr_correction=run.lr_correction,
-                     wd_correction=run.wd_correction)
+                     lock_path=str(lock_path), **{f.name: getattr(run, f.name) for f in fields(run)})
