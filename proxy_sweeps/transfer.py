@@ -81,7 +81,7 @@ AXES = ("width", "depth", "steps", "batch_size")
 # Octaves the optimum may move (width, depth: its drift over the span; horizon, batch: the fitted
 # law's error at the held-out largest value).
 DEFAULT_GOALS = {"width": 0.5, "depth": 0.5, "steps": 0.35, "batch_size": 0.35}
-PROGRESS_EVERY_S = 20.0  # a progress line at least this often while runs finish (a chain takes minutes)
+PROGRESS_EVERY_S = 10.0  # a progress line at least this often, runs finished or not (a run can take minutes)
 
 
 class TransferSettings(Config):
@@ -455,7 +455,7 @@ def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: i
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_pool_worker, initargs=(os.getpid(),)) as pool:
         chains_left = pool.imap_unordered(_chain, tasks)
-        shown = finished
+        shown, shown_at = finished, time.perf_counter()
         while True:  # runs.jsonl is the count: a chain appends each run before it returns
             try:
                 records = chains_left.next(timeout=PROGRESS_EVERY_S)
@@ -466,9 +466,11 @@ def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: i
             except StopIteration:
                 break
             finished = min(total, len(done_keys(out, s.grid_key)))
-            if not quiet and (finished > shown or note):
-                shown, elapsed = finished, time.perf_counter() - start
-                print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs{note}",
+            now = time.perf_counter()
+            if not quiet and (finished > shown or note or now - shown_at >= PROGRESS_EVERY_S):
+                running = "" if finished > shown or note else f" ({min(workers, total - finished)} running)"
+                shown, shown_at, elapsed = finished, now, now - start
+                print(f"[{int(elapsed) // 60}m{int(elapsed) % 60:02d}s] {finished}/{total} runs{note}{running}",
                       file=sys.stderr)
 
 

@@ -14,6 +14,8 @@ optimum log2 LR (parabola vertex) and its bootstrap interval (``optimum_stats``)
   predicted) with its interval must lie within +-goal. "Keep the proxy's LR" (the smallest value's
   optimum) is reported beside it. For the batch axis, the first value where a law fitted to the
   smaller ones stops predicting (residual outside the goal) is reported as the critical batch.
+  For the steps axis, a weighted and a curved law are judged by the same held-out horizon beside
+  the straight one (``mutransfer.law_forms``); the straight law stays unless one beats it.
 
 Tuning weight decay instead (``transfer.tune = "weight_decay"``, at a fixed LR), the steps and
 batch axes are decided by the timescale rule (lambda eta T constant: log2 lambda* = c - log2 T,
@@ -40,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from mutransfer import optimum_stats as stats
+from mutransfer.law_forms import compare_forms, format_forms
 from mutransfer.laws import rounded
 from mutransfer.rundir import read_jsonl, write_json
 
@@ -176,6 +179,8 @@ def _law(report: dict, values: list[int], settings: dict) -> dict:
                    timescale_note="lambda x eta x T constant: lambda* proportional to 1 / steps at the fixed LR")
     if settings["axis"] == "batch_size":
         out["critical"] = _critical(values, boots, settings)
+    if settings["axis"] == "steps" and settings["grid_key"] == "lr_log2":
+        out["forms"] = compare_forms(values[:-1], boots[:-1], values[-1], boots[-1], level=settings["confidence"])
     return out
 
 
@@ -298,6 +303,8 @@ def format_verdict(verdict: dict) -> str:
                          f"{_octaves(rule.get('prediction'))}, residual {_octaves(rule.get('residual'))}")
         if law.get("critical"):
             lines.append(f"critical batch: {law['critical']['note']}")
+        if law.get("forms"):
+            lines += format_forms(law["forms"])
     if verdict.get("powerlines"):
         from proxy_sweeps.wd_powerlines import format_powerlines
 

@@ -19,7 +19,7 @@ import pytest
 from mutransfer.cli import main
 from mutransfer.config import ConfigError
 from proxy_sweeps.transfer import RUNS_FILE, spec_from_mapping
-from proxy_sweeps.transfer_verdict import judge
+from proxy_sweeps.transfer_verdict import format_verdict, judge
 
 TRAIN = {"steps": 16, "batch_size": 4, "seq_len": 32, "warmup": 2, "eval_every": 8, "eval_batches": 1,
          "eval_batch_size": 4}
@@ -172,6 +172,20 @@ def test_a_law_that_breaks_fails_and_batch_names_the_critical_value(tmp_path, ax
         assert v["law"]["critical"]["critical_value"] in values[-2:]
 
 
+@pytest.mark.parametrize("shape", ["straight", "curved"])
+def test_the_horizon_verdict_judges_the_law_shapes_on_the_held_out_horizon(tmp_path, shape):
+    """mutransfer.law_forms on the check's own optima: a curved optimum (falling -0.2, -0.5, -0.8 octave
+    per doubling) is caught and the curved law chosen; a straight one keeps the straight law."""
+    values = [60, 120, 240, 480]
+    bend = 0.15 if shape == "curved" else 0.0
+    x = lambda t: math.log2(t / 60)  # noqa: E731
+    v = verdict_for(tmp_path, "steps", values, lambda name, t: -5.0 - 0.3 * x(t) - bend * (x(t) ** 2 - x(t)))
+    forms = v["law"]["forms"]
+    assert forms["chosen"] == shape, forms["reason"]
+    assert set(forms["forms"]) == {"straight", "weighted", "curved"}
+    assert "horizon law shapes, held-out error at 480" in format_verdict(v)
+
+
 # --- weight decay along the horizon: the timescale rule (lambda eta T constant) against a free fit ----
 
 
@@ -199,7 +213,6 @@ def test_weight_decay_that_stays_put_fails_the_timescale_rule(tmp_path):
     assert v["law"]["timescale"]["residual"]["estimate"] == pytest.approx(2.0, abs=0.3)
     free = v["law"]["law"]["residual"]  # the free fit (beta ~ 0) still predicts it: reported beside
     assert free["ci"][0] <= 0 <= free["ci"][1]
-    from proxy_sweeps.transfer_verdict import format_verdict
 
     assert "timescale rule (lambda eta T constant)" in format_verdict(v)
 

@@ -51,7 +51,8 @@ def test_shipped_transfer_files_parse():
 
 
 @pytest.mark.slow
-def test_reduced_transfer_check_writes_verdict_and_plot(tmp_path, capsys):
+def test_reduced_transfer_check_writes_verdict_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("proxy_sweeps.transfer.PROGRESS_EVERY_S", 0.05)  # a line even while no run finishes
     path = tmp_path / "t.toml"
     path.write_text(REDUCED.format(widths="[16, 32]"))
     out = tmp_path / "out"
@@ -68,7 +69,8 @@ def test_reduced_transfer_check_writes_verdict_and_plot(tmp_path, capsys):
         assert info["drift"]["estimate"] is not None
     assert verdict["outcome"] == "fail" and any("span" in r for r in verdict["reasons"])
     assert (out / "transfer.png").stat().st_size > 0
-    assert "verdict:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "verdict:" in err and "runs (2 running)" in err
     # Re-running continues: nothing is trained again.
     assert main(["transfer-check", str(path), "--out", str(out), "--quiet"]) == 1
     assert len(read_runs(out)) == len(runs)
