@@ -10,9 +10,11 @@ are fitted to the same optima and judged by the same held-out value:
   carried to the held-out horizon.
 
 Each bootstrap draw of the optima (paired across horizons) gives a draw of every form's prediction,
-so the held-out errors and their paired differences have intervals. The straight law stays the
-default unless another form's absolute held-out error is smaller with the paired difference's
-interval entirely below 0: a shape is adopted on evidence, not on one lucky estimate.
+so the held-out errors and their paired differences have intervals. The check fits the form it is
+told (``[transfer] law_form``, straight by default) and judges it; beside it, another form is called
+better only when its absolute held-out error is smaller with the paired difference's interval
+entirely below 0 -- a shape is adopted on evidence, not on one lucky estimate. Only the straight-line
+forms can be carried to a target (a lock holds a, beta); the curved one is reported, not carried.
 """
 
 from __future__ import annotations
@@ -21,55 +23,59 @@ import math
 
 import numpy as np
 
-from mutransfer.optimum_stats import DEFAULT_LEVEL, _interval, _per_value, _residual, _summary
+from mutransfer.optimum_stats import DEFAULT_LEVEL, _interval, _per_value, _residual, _summary, fit_power_law
 
 FORMS = ("straight", "weighted", "curved")
+LINE_FORMS = ("straight", "weighted")  # the forms a lock can carry: a straight line in log-log, (a, beta)
 DEFAULT_FORM = "straight"
 
 
-def _design(log_axis: np.ndarray, form: str) -> np.ndarray:
-    """Columns of the least-squares fit: 1, log2 T (and (log2 T)^2 for the curved form)."""
-    cols = [np.ones_like(log_axis), log_axis] + ([log_axis ** 2] if form == "curved" else [])
-    return np.stack(cols, axis=1)
+def form_weights(axis_values, form: str) -> np.ndarray | None:
+    """The least-squares weights of a straight-line form: none, or proportional to the axis value."""
+    axis = np.asarray(axis_values, dtype=float)
+    return axis / axis.max() if form == "weighted" else None
 
 
-def _weights(axis: np.ndarray, form: str) -> np.ndarray:
-    return axis / axis.max() if form == "weighted" else np.ones_like(axis)
-
-
-def _predictor(axis: np.ndarray, holdout: float, form: str) -> np.ndarray:
-    """The row vector r with prediction = optima @ r: a weighted least-squares fit is linear in the optima."""
+def _curved_predictor(axis: np.ndarray, holdout: float) -> np.ndarray:
+    """The row vector r with prediction = optima @ r for the quadratic in log2 T (linear in the optima)."""
     x = np.log2(axis)
-    design, w = _design(x, form), _weights(axis, form)
-    coef_map = np.linalg.solve(design.T @ (w[:, None] * design), design.T * w)  # (k, V)
-    return _design(np.array([math.log2(holdout)]), form)[0] @ coef_map
+    design = np.stack([np.ones_like(x), x, x * x], axis=1)
+    coef_map = np.linalg.pinv(design)  # (3, V): least squares, exact through three values
+    h = math.log2(holdout)
+    return np.array([1.0, h, h * h]) @ coef_map
 
 
 def fit_form(axis_values, per_value_samples, holdout: float, holdout_samples=None, form: str = DEFAULT_FORM,
              level: float = DEFAULT_LEVEL) -> dict:
-    """One form's prediction at ``holdout`` and, with holdout_samples, its held-out residual
-    (measured - predicted, draw by draw), as ``fit_power_law`` gives them for the straight law."""
+    """One form's fit, its prediction at ``holdout`` and, with holdout_samples, its held-out residual
+    (measured - predicted, draw by draw). The straight-line forms are ``fit_power_law`` (with a and
+    beta); the curved one has a prediction and a residual only."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form in LINE_FORMS:
+        fit = fit_power_law(axis_values, per_value_samples, holdout=holdout, holdout_samples=holdout_samples,
+                            level=level, weights=form_weights(axis_values, form))
+        return {**fit, "form": form}
     axis, est, samples, _, reason, plan = _per_value(axis_values, per_value_samples)
-    need = 3 if form == "curved" else 2
     out = {"form": form, "axis_values": axis.tolist(), "holdout": holdout, "prediction": None, "residual": None,
            "status": plan["status"], "reason": reason}
-    if len(np.unique(axis)) < need:
-        return {**out, "status": "inconclusive", "reason": f"the {form} law needs optima at {need} distinct values"}
+    if len(np.unique(axis)) < 3:
+        return {**out, "status": "inconclusive", "reason": "the curved law needs optima at 3 distinct values"}
     if samples is None:
         return out
-    r = _predictor(axis, holdout, form)
+    r = _curved_predictor(axis, holdout)
     out["prediction"] = _summary(float(est @ r), samples @ r, level, plan)
     if holdout_samples is not None:
         out["residual"] = _residual(out["prediction"], holdout_samples, level)
     return out
 
 
-def compare_forms(axis_values, per_value_samples, holdout: float, holdout_samples,
+def compare_forms(axis_values, per_value_samples, holdout: float, holdout_samples, configured: str = DEFAULT_FORM,
                   level: float = DEFAULT_LEVEL) -> dict:
-    """Every form's held-out error and the choice: the straight law unless another beats it (see the
-    module docstring). Returns forms (name -> estimate, interval, |error|), chosen and reason."""
+    """Every form's held-out error beside the ``configured`` one's, and which to use: another form is
+    better when its absolute error is smaller with the paired difference's interval below 0; the
+    recommendation is the best straight-line form (a lock carries only those). Returns forms (name ->
+    residual, ci, abs_error, vs_configured), configured, better, recommended and reason."""
     fits = {f: fit_form(axis_values, per_value_samples, holdout, holdout_samples, f, level) for f in FORMS}
     rows, abs_draws = {}, {}
     for name, fit in fits.items():
@@ -80,41 +86,46 @@ def compare_forms(axis_values, per_value_samples, holdout: float, holdout_sample
                       "reason": fit.get("reason") if s is None else None}
         if s is not None:
             abs_draws[name] = np.abs(np.asarray(s, dtype=float))
-    base = abs_draws.get(DEFAULT_FORM)
-    winners = []
-    for name in FORMS[1:]:
-        if base is None or name not in abs_draws:
+    base = abs_draws.get(configured)
+    better = []
+    for name in FORMS:
+        if name == configured or base is None or name not in abs_draws:
             continue
         n = min(len(base), len(abs_draws[name]))
-        diff = abs_draws[name][:n] - base[:n]
-        lo, hi = _interval(diff, level)
-        rows[name]["vs_straight"] = {"estimate": rows[name]["abs_error"] - rows[DEFAULT_FORM]["abs_error"],
-                                     "ci": [lo, hi]}
+        lo, hi = _interval(abs_draws[name][:n] - base[:n], level)
+        rows[name]["vs_configured"] = {"estimate": rows[name]["abs_error"] - rows[configured]["abs_error"],
+                                       "ci": [lo, hi]}
         if hi < 0:
-            winners.append(name)
+            better.append(name)
+    out = {"forms": rows, "configured": configured, "better": better, "holdout": holdout, "level": level}
     if base is None:
-        return {"forms": rows, "chosen": DEFAULT_FORM, "holdout": holdout, "level": level,
-                "reason": "the straight law has no held-out error; it stays the default"}
-    if not winners:
-        return {"forms": rows, "chosen": DEFAULT_FORM, "holdout": holdout, "level": level,
-                "reason": f"no other form has a smaller held-out error at {holdout:g} with its paired "
-                          f"difference's {level:.0%} interval below 0; the straight law stays the default"}
-    best = min(winners, key=lambda f: rows[f]["abs_error"])
-    diff = rows[best]["vs_straight"]
-    return {"forms": rows, "chosen": best, "holdout": holdout, "level": level,
-            "reason": f"the {best} law's held-out error at {holdout:g} is smaller than the straight law's "
+        return {**out, "recommended": configured,
+                "reason": f"the {configured} law has no held-out error to compare; keep it"}
+    carried = [f for f in better if f in LINE_FORMS]
+    if not carried:
+        note = "" if not better else (f"; the {better[0]} law is better here but is not carried to a target "
+                                      "(a lock holds a straight line in log-log: a curvature extrapolated "
+                                      "thousands of times past its data is not a prediction)")
+        return {**out, "recommended": configured,
+                "reason": f"no straight-line form has a smaller held-out error at {holdout:g} with its paired "
+                          f"difference's {level:.0%} interval below 0: keep the {configured} law{note}"}
+    best = min(carried, key=lambda f: rows[f]["abs_error"])
+    diff = rows[best]["vs_configured"]
+    return {**out, "recommended": best,
+            "reason": f"the {best} law's held-out error at {holdout:g} is smaller than the {configured} law's "
                       f"(paired difference {diff['estimate']:+.3f} octave, {level:.0%} interval "
-                      f"[{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}])"}
+                      f"[{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]): set [transfer] law_form = '{best}'"}
 
 
 def format_forms(comparison: dict) -> list[str]:
     """Lines for the transfer check's report."""
-    lines = [f"horizon law shapes, held-out error at {comparison['holdout']:g} (measured - predicted, octave):"]
+    lines = [f"law shapes, held-out error at {comparison['holdout']:g} (measured - predicted, octave; "
+             f"the check's law is {comparison['configured']}):"]
     for name, row in comparison["forms"].items():
         if row["residual"] is None:
             lines.append(f"  {name:<9} no prediction ({row['reason']})")
             continue
         ci = row["ci"] or [math.nan, math.nan]
         lines.append(f"  {name:<9} {row['residual']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]")
-    lines.append(f"  chosen: {comparison['chosen']} ({comparison['reason']})")
+    lines.append(f"  recommended: {comparison['recommended']} ({comparison['reason']})")
     return lines

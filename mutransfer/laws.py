@@ -112,6 +112,7 @@ class Law(Config):
     draws: LawDraws | None = None  # bootstrap draws of (a, beta); absent in locks frozen before they were kept
     model_params: PosInt | None = None  # parameters of the check's model (tokens per parameter of the fit)
     tokens_budget: PosInt | None = None  # batch: the check's fixed token budget per run
+    form: Literal["straight", "weighted"] = "straight"  # the fit's least squares (mutransfer.law_forms)
 
     def fitted_max(self) -> float | None:
         """The largest value the law was fitted on, in ``unit`` (tokens or sequences per step)."""
@@ -200,6 +201,7 @@ def law_from_verdict(verdict: dict, config: dict, source: str) -> dict:
         "draws": _shifted_draws(fit.get("draws"), shift),
         "model_params": _model_params(config, source),
         "tokens_budget": _tokens_budget(config) if axis == "batch_size" else None,
+        "form": fit.get("form", "straight"),
     }
     return parse(Law, entry, f"--law {source}: law").model_dump()  # what read_lock will accept, checked now
 

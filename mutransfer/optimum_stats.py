@@ -338,10 +338,11 @@ def _stack(per_value_samples) -> tuple[np.ndarray | None, np.ndarray | None, lis
     return est, np.stack([s[:n] for _, s, _ in items], axis=1), results, reason
 
 
-def _slope(log_axis: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least-squares slope of y (..., V) on log_axis (V,), row by row."""
-    d = log_axis - log_axis.mean()
-    return (y - y.mean(axis=-1, keepdims=True)) @ d / (d @ d)
+def _slope(log_axis: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Least-squares slope of y (..., V) on log_axis (V,), row by row (weighted by ``weights``, if given)."""
+    w = np.ones_like(log_axis) if weights is None else weights
+    d = log_axis - np.average(log_axis, weights=w)
+    return (y - np.average(y, axis=-1, weights=w)[..., None]) @ (w * d) / (d @ (w * d))
 
 
 def _planning(results: list[dict], reason: str | None) -> dict:
@@ -532,7 +533,7 @@ def exit_status(outcome: str) -> int:
 
 
 def fit_power_law(axis_values, per_value_samples, holdout: float | None = None, holdout_samples=None,
-                  level: float = DEFAULT_LEVEL, beta: float | None = None) -> dict:
+                  level: float = DEFAULT_LEVEL, beta: float | None = None, weights=None) -> dict:
     """log2 LR*(T) = a - beta * log2 T through the optima at the (shorter) axis values.
 
     For token horizons and batch sizes, where the optimum moves by design: fit on the short
@@ -540,7 +541,8 @@ def fit_power_law(axis_values, per_value_samples, holdout: float | None = None, 
     the intervals on beta and on the prediction at ``holdout`` carry the optima's noise. With
     holdout_samples (a bootstrap_optimum result at the held-out value) also the residual
     measured - predicted and its interval: it contains 0 when the law extrapolates. With ``beta``
-    given the exponent is a rule's, not fitted (only a is; beta's interval is then the point).
+    given the exponent is a rule's, not fitted (only a is; beta's interval is then the point). With
+    ``weights`` (one per axis value) the least squares are weighted (``mutransfer.law_forms``).
     """
     axis, est, samples, results, reason, plan = _per_value(axis_values, per_value_samples)
     out = {"axis_values": axis.tolist(), "level": level, "holdout": holdout, "status": plan["status"],
@@ -550,11 +552,13 @@ def fit_power_law(axis_values, per_value_samples, holdout: float | None = None, 
     if samples is None:
         return out
     x = np.log2(axis)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float) / np.sum(weights)
     if beta is None:
-        slope, slope_s = float(_slope(x, est)), _slope(x, samples)
+        slope, slope_s = float(_slope(x, est, w)), _slope(x, samples, w)
     else:
         slope, slope_s = -float(beta), np.full(samples.shape[0], -float(beta))
-    a, a_s = est.mean() - slope * x.mean(), samples.mean(axis=1) - slope_s * x.mean()
+    x_bar = np.average(x, weights=w)
+    a, a_s = np.average(est, weights=w) - slope * x_bar, np.average(samples, axis=1, weights=w) - slope_s * x_bar
     out.update(a=_summary(a, a_s, level, plan), beta=_summary(-slope, -slope_s, level, plan))
     if holdout is not None:
         h = math.log2(holdout)

@@ -129,6 +129,9 @@ class TransferSettings(Config):
     """batch_size axis: the fixed token budget of every run"""
     widths: list[PosInt] = Field(default_factory=list)
     """Power Lines check: model widths crossed with the steps values"""
+    law_form: Literal["straight", "weighted"] = "straight"
+    """steps and batch_size axes tuning the LR: the law's least squares, plain or weighted by the axis value
+    (mutransfer.law_forms); judging only, the runs are the same"""
 
     @model_validator(mode="after")
     def _grid(self) -> TransferSettings:
@@ -149,6 +152,9 @@ class TransferSettings(Config):
             raise ValueError("axis = 'batch_size' needs tokens (the fixed token budget of every run)")
         if self.widths:
             self._check_widths()
+        if self.law_form != "straight" and (self.axis not in ("steps", "batch_size") or self.tune != "lr"):
+            raise ValueError(f"law_form = {self.law_form!r}: a law's form applies to the steps and batch_size axes "
+                             f"tuning the LR, not axis = {self.axis!r}, tune = {self.tune!r}")
         if self.axis in ("steps", "batch_size") and len(self.values) < 3:
             raise ValueError(f"values = {self.values}: a {self.axis} law is fitted on all but the largest value, "
                              "so give at least three")
@@ -437,9 +443,10 @@ def append_run(out_dir, record: dict) -> None:
 
 
 def _definition(spec: TransferSpec) -> dict:
-    """What must not change between runs into one directory: everything but the seed count (and the trackers)."""
+    """What must not change between runs into one directory: everything but the seed count, the law's form
+    (judging only) and the trackers."""
     raw = {k: v for k, v in spec.raw.items() if k not in ("transfer", "tracking")}
-    raw["transfer"] = {k: v for k, v in spec.raw.get("transfer", {}).items() if k != "seeds"}
+    raw["transfer"] = {k: v for k, v in spec.raw.get("transfer", {}).items() if k not in ("seeds", "law_form")}
     return raw
 
 

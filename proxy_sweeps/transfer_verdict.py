@@ -14,8 +14,8 @@ optimum log2 LR (parabola vertex) and its bootstrap interval (``optimum_stats``)
   predicted) with its interval must lie within +-goal. "Keep the proxy's LR" (the smallest value's
   optimum) is reported beside it. For the batch axis, the first value where a law fitted to the
   smaller ones stops predicting (residual outside the goal) is reported as the critical batch.
-  For the steps axis, a weighted and a curved law are judged by the same held-out horizon beside
-  the straight one (``mutransfer.law_forms``); the straight law stays unless one beats it.
+  The law is straight least squares unless ``law_form = "weighted"``; every form (straight,
+  weighted, curved) is judged by the same held-out value beside it (``mutransfer.law_forms``).
 
 Tuning weight decay instead (``transfer.tune = "weight_decay"``, at a fixed LR), the steps and
 batch axes are decided by the timescale rule (lambda eta T constant: log2 lambda* = c - log2 T,
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from mutransfer import optimum_stats as stats
-from mutransfer.law_forms import compare_forms, format_forms
+from mutransfer.law_forms import compare_forms, form_weights, format_forms
 from mutransfer.laws import rounded
 from mutransfer.rundir import read_jsonl, write_json
 
@@ -164,9 +164,10 @@ def _law(report: dict, values: list[int], settings: dict) -> dict:
     it. Tuning weight decay, the timescale rule is judged too, and decides: lambda eta T constant at
     the fixed LR, so log2 lambda* = c - log2 T with T the steps of the run (only c is fitted)."""
     boots = report["boots"]
+    form = settings["law_form"]
     law = stats.fit_power_law(values[:-1], boots[:-1], holdout=values[-1], holdout_samples=boots[-1],
-                              level=settings["confidence"])
-    law["draws"] = _draws(law)
+                              level=settings["confidence"], weights=form_weights(values[:-1], form))
+    law.update(draws=_draws(law), form=form)
     decided = _decide(law, settings)
     knob = "LR" if settings["grid_key"] == "lr_log2" else "weight decay"
     out = {"law": law, "decision": decided, "naive_error": report["drift"],
@@ -179,8 +180,9 @@ def _law(report: dict, values: list[int], settings: dict) -> dict:
                    timescale_note="lambda x eta x T constant: lambda* proportional to 1 / steps at the fixed LR")
     if settings["axis"] == "batch_size":
         out["critical"] = _critical(values, boots, settings)
-    if settings["axis"] == "steps" and settings["grid_key"] == "lr_log2":
-        out["forms"] = compare_forms(values[:-1], boots[:-1], values[-1], boots[-1], level=settings["confidence"])
+    if settings["grid_key"] == "lr_log2":
+        out["forms"] = compare_forms(values[:-1], boots[:-1], values[-1], boots[-1], configured=form,
+                                     level=settings["confidence"])
     return out
 
 
@@ -212,6 +214,7 @@ def _critical(values: list[int], boots: list[dict], settings: dict) -> dict:
     steps = []
     for k in range(2, len(values)):
         law = stats.fit_power_law(values[:k], boots[:k], holdout=values[k], holdout_samples=boots[k],
+                                  weights=form_weights(values[:k], settings["law_form"]),
                                   level=settings["confidence"])
         res = law.get("residual") or {}
         v = stats.verdict(res if res.get("ci") else {"ci": None, "reason": law.get("reason")}, settings["goal"],
@@ -229,7 +232,7 @@ def judge(out_dir: str | Path, spec) -> dict:
     out = Path(out_dir)
     s = spec.settings
     settings = {"axis": s.axis, "goal": s.goal, "min_span": s.min_span, "confidence": s.confidence,
-                "bootstrap": s.bootstrap, "grid_key": s.grid_key,
+                "bootstrap": s.bootstrap, "grid_key": s.grid_key, "law_form": s.law_form,
                 "steps_per_run": [spec.train_at(v).steps for v in s.values]}
     runs = read_jsonl(out / "runs.jsonl")
     xs = [float(x) for x in spec.grid]
@@ -293,7 +296,8 @@ def format_verdict(verdict: dict) -> str:
     law = verdict.get("law")
     if law:
         fit = law["law"]
-        lines.append(f"power law fitted below {verdict['values'][-1]}: beta {_octaves(fit.get('beta'))}, "
+        shape = "" if fit.get("form", "straight") == "straight" else f" ({fit['form']} least squares)"
+        lines.append(f"power law{shape} fitted below {verdict['values'][-1]}: beta {_octaves(fit.get('beta'))}, "
                      f"prediction at {verdict['values'][-1]} {_octaves(fit.get('prediction'))}, "
                      f"residual {_octaves(fit.get('residual'))}; keep-the-proxy's-{knob} error "
                      f"{_octaves(law.get('naive_error'))}")

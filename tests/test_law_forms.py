@@ -43,17 +43,37 @@ def test_the_straight_form_is_the_power_law_of_the_transfer_check():
         assert form[key]["ci"] == pytest.approx(law[key]["ci"], abs=1e-12)
 
 
-def test_a_curved_optimum_is_caught_and_the_curved_law_chosen():
+def test_a_curved_optimum_is_caught_and_the_weighted_line_recommended():
+    """The curved law wins on a quadratic truth but is not carried to a target; the weighted line, which
+    reads its slope off the longest horizons, beats the straight one and is what the check recommends."""
     samples = optima([curved(t) for t in HORIZONS], sd=0.03)
     out = compare_forms(HORIZONS[:3], samples[:3], HORIZONS[3], samples[3])
     rows = out["forms"]
     assert rows["straight"]["ci"][1] < -0.3  # the straight line under-predicts the fall, as measured on tiny
     assert rows["curved"]["ci"][0] < 0.0 < rows["curved"]["ci"][1]  # exact for a quadratic truth
-    assert abs(rows["weighted"]["residual"]) < abs(rows["straight"]["residual"])
-    assert out["chosen"] == "curved" and "smaller than the straight law's" in out["reason"]
-    assert rows["curved"]["vs_straight"]["ci"][1] < 0
+    assert out["better"] == ["weighted", "curved"]
+    assert rows["weighted"]["vs_configured"]["ci"][1] < 0
+    assert out["recommended"] == "weighted" and "set [transfer] law_form = 'weighted'" in out["reason"]
     text = "\n".join(format_forms(out))
-    assert "chosen: curved" in text and "straight" in text
+    assert "recommended: weighted" in text and "the check's law is straight" in text
+
+
+def test_a_curvature_alone_is_reported_not_recommended():
+    """With the weighted line configured, only the curved law beats it: the check keeps its law and says
+    why the curved one is not carried."""
+    samples = optima([curved(t) for t in HORIZONS], sd=0.03)
+    out = compare_forms(HORIZONS[:3], samples[:3], HORIZONS[3], samples[3], configured="weighted")
+    assert out["better"] == ["curved"] and out["recommended"] == "weighted"
+    assert "keep the weighted law" in out["reason"] and "is not carried to a target" in out["reason"]
+
+
+def test_the_weighted_form_is_the_power_law_with_weights_proportional_to_the_horizon():
+    samples = optima([curved(t) for t in HORIZONS], sd=0.03)
+    fit = fit_form(HORIZONS[:3], samples[:3], HORIZONS[3], samples[3], "weighted")
+    x, y = np.log2(HORIZONS[:3]), np.array([np.median(s) for s in samples[:3]])
+    slope, intercept = np.polyfit(x, y, 1, w=np.sqrt(np.array(HORIZONS[:3]) / 480))  # polyfit squares w
+    assert fit["beta"]["estimate"] == pytest.approx(-slope, abs=1e-9)
+    assert fit["prediction"]["estimate"] == pytest.approx(intercept + slope * math.log2(960), abs=1e-9)
 
 
 def test_a_straight_optimum_keeps_the_straight_law():
@@ -61,7 +81,7 @@ def test_a_straight_optimum_keeps_the_straight_law():
     1, -3, 3 (the straight law -2/3, 1/3, 4/3), so its held-out error is about 2.4x as wide."""
     samples = optima([straight(t) for t in HORIZONS], sd=0.1, seed=1)
     out = compare_forms(HORIZONS[:3], samples[:3], HORIZONS[3], samples[3])
-    assert out["chosen"] == "straight" and "stays the default" in out["reason"]
+    assert out["better"] == [] and out["recommended"] == "straight" and "keep the straight law" in out["reason"]
     rows = out["forms"]
     assert rows["straight"]["ci"][0] < 0.0 < rows["straight"]["ci"][1]
     width = {f: rows[f]["ci"][1] - rows[f]["ci"][0] for f in rows}
@@ -73,7 +93,7 @@ def test_too_few_horizons_for_a_curve_leave_the_straight_law():
     out = compare_forms(HORIZONS[:2], samples[:2], HORIZONS[2], samples[2])
     assert out["forms"]["curved"]["residual"] is None
     assert "needs optima at 3 distinct values" in out["forms"]["curved"]["reason"]
-    assert out["chosen"] == "straight"  # through two points the weighted line is the straight one
+    assert out["recommended"] == "straight"  # through two points the weighted line is the straight one
     assert "no prediction" in "\n".join(format_forms(out))
 
 

@@ -181,9 +181,30 @@ def test_the_horizon_verdict_judges_the_law_shapes_on_the_held_out_horizon(tmp_p
     x = lambda t: math.log2(t / 60)  # noqa: E731
     v = verdict_for(tmp_path, "steps", values, lambda name, t: -5.0 - 0.3 * x(t) - bend * (x(t) ** 2 - x(t)))
     forms = v["law"]["forms"]
-    assert forms["chosen"] == shape, forms["reason"]
+    assert forms["recommended"] == ("weighted" if shape == "curved" else "straight"), forms["reason"]
+    assert ("curved" in forms["better"]) == (shape == "curved")
     assert set(forms["forms"]) == {"straight", "weighted", "curved"}
-    assert "horizon law shapes, held-out error at 480" in format_verdict(v)
+    assert "law shapes, held-out error at 480" in format_verdict(v)
+
+
+def test_the_weighted_law_is_fitted_judged_and_carried_when_asked(tmp_path):
+    """law_form = 'weighted': the check's law is the weighted fit (its residual decides), the lock entry
+    says so, and the runs are the same (the form is not part of the directory's definition)."""
+    values = [60, 120, 240, 480]
+    x = lambda t: math.log2(t / 60)  # noqa: E731
+    v = verdict_for(tmp_path, "steps", values, lambda name, t: -5.0 - 0.3 * x(t) - 0.15 * (x(t) ** 2 - x(t)),
+                    law_form="weighted")
+    fit = v["law"]["law"]
+    assert fit["form"] == "weighted" and v["law"]["forms"]["configured"] == "weighted"
+    assert fit["residual"]["estimate"] == pytest.approx(v["law"]["forms"]["forms"]["weighted"]["residual"])
+    assert "power law (weighted least squares) fitted below 480" in format_verdict(v)
+    from mutransfer.laws import law_from_verdict
+
+    config = {"spec": {"train": {"seq_len": 32, "batch_size": 4}, "model": {"preset": "tiny"}}}
+    assert law_from_verdict(v, config, str(tmp_path))["form"] == "weighted"
+    with pytest.raises(ConfigError, match=re.escape("law_form = 'weighted': a law's form applies to the steps")):
+        spec("width", [32, 64, 128], law_form="weighted")
+    assert spec("batch_size", [4, 8, 16], law_form="weighted").settings.law_form == "weighted"
 
 
 # --- weight decay along the horizon: the timescale rule (lambda eta T constant) against a free fit ----
