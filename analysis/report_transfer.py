@@ -205,6 +205,14 @@ def law_blocks(v: dict, axis: str, values: list[str]) -> list:
         found = critical.get("critical_value")
         blocks.append(Para(f"Critical batch: {critical.get('note', '-')}"
                            + (f" (about {found})." if found is not None else ".")))
+    forms = laws.get("forms")
+    if forms:
+        blocks.append(Table([f"law shape (the check's: {forms.get('configured', '-')})",
+                             f"held-out error at {axis} {hold} (octaves)", "|error| minus the check's"],
+                            [[name, est_cell({"estimate": row.get("residual"), "ci": row.get("ci")}),
+                              est_cell(row.get("vs_configured"))]
+                             for name, row in (forms.get("forms") or {}).items()]))
+        blocks.append(Para(f"Recommended law shape: {forms.get('recommended', '-')} ({forms.get('reason', '-')})."))
     return blocks
 
 

@@ -290,7 +290,8 @@ def test_report_writes_html_and_markdown_with_every_section_and_image(report):
     assert "Transfer verdict (batch_size): FAIL" in transfer
     for row in ("beta (log2 LR* = a - beta log2 batch_size)", "predicted optimum at batch_size 64",
                 "residual, measured - predicted", "error of keeping the proxy's LR (batch_size 8) at 64",
-                "Critical batch: the law fitted below 64 fails to predict 64"):
+                "Critical batch: the law fitted below 64 fails to predict 64",
+                "law shape (the check's: straight)", "Recommended law shape:"):
         assert row in transfer, row
     assert "importance" in text["sweep"] and "Best: trial" in text["sweep"]
     assert "matches the contents" in text["frozen-hparams"] and "trial_number" in text["frozen-hparams"]
