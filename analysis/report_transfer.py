@@ -169,6 +169,12 @@ def optimum_cell(o: dict, key: str = "lr_log2") -> str:
     return cell
 
 
+def _shape_order(item: tuple) -> int:
+    """The law shapes as the check lists them: straight, weighted, curved (others after)."""
+    order = ("straight", "weighted", "curved")
+    return order.index(item[0]) if item[0] in order else len(order)
+
+
 def law_blocks(v: dict, axis: str, values: list[str]) -> list:
     """The power law fitted below the largest value, its prediction there, and the naive rule beside it."""
     laws = v.get("law") or {}
@@ -211,7 +217,7 @@ def law_blocks(v: dict, axis: str, values: list[str]) -> list:
                              f"held-out error at {axis} {hold} (octaves)", "|error| minus the check's"],
                             [[name, est_cell({"estimate": row.get("residual"), "ci": row.get("ci")}),
                               est_cell(row.get("vs_configured"))]
-                             for name, row in (forms.get("forms") or {}).items()]))
+                             for name, row in sorted((forms.get("forms") or {}).items(), key=_shape_order)]))
         blocks.append(Para(f"Recommended law shape: {forms.get('recommended', '-')} ({forms.get('reason', '-')})."))
     return blocks
 

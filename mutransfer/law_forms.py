@@ -121,7 +121,10 @@ def format_forms(comparison: dict) -> list[str]:
     """Lines for the transfer check's report."""
     lines = [f"law shapes, held-out error at {comparison['holdout']:g} (measured - predicted, octave; "
              f"the check's law is {comparison['configured']}):"]
-    for name, row in comparison["forms"].items():
+    for name in FORMS:  # in this order (a verdict read back from JSON has its keys sorted)
+        row = comparison["forms"].get(name)
+        if row is None:
+            continue
         if row["residual"] is None:
             lines.append(f"  {name:<9} no prediction ({row['reason']})")
             continue
