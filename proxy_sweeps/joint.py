@@ -48,7 +48,7 @@ from mutransfer.config import (
     parse,
     updated,
 )
-from mutransfer.laws import Law, Laws, TransferCorrection, correction
+from mutransfer.laws import Law, Laws, TransferCorrection, beta_draws, correction
 from mutransfer.lockfile import Lock, check_lock_matches, read_lock
 from mutransfer.model_size import check_fits_machine
 from mutransfer.plan import shape_from_config
@@ -228,10 +228,33 @@ def law_terms(spec: JointSpec, laws: dict[str, Law]) -> dict[str, dict]:
     for kind, law in laws.items():
         fix = correction(Laws(**{kind: law}), proxy_train, tokens, batch, TransferCorrection(**{kind: "fitted"}))
         term = fix["terms"][kind]
+        draws, draws_source = beta_draws(law)
         terms[kind] = {"octaves": math.log2(fix["factor"]), "factor": fix["factor"], "beta": law.beta,
                        "beta_ci": law.beta_ci, "unit": law.unit, "proxy": term["proxy"], "target": term["target"],
-                       "source": law.source, "law_outcome": law.outcome}
+                       "source": law.source, "law_outcome": law.outcome, "draws_source": draws_source,
+                       # the correction's draws, -beta log2(target / proxy) per draw of beta ("samples":
+                       # kept out of verdict.json like every bootstrap's)
+                       "samples": None if draws is None else -draws * math.log2(term["target"] / term["proxy"])}
     return terms
+
+
+def _with_law_noise(error: dict, terms: dict, kinds: list[str], level: float, key: str) -> dict:
+    """``error`` (the optima's noise only) with the laws' noise added: each draw of the error minus a
+    draw of each law's correction (independent checks, drawn at random with a fixed seed) about its
+    point value. The laws' seeds are not this check's, so more seeds here would not narrow that part:
+    no extra-seed estimate is given then. Unchanged when a law or the error has no draws."""
+    base = error.get("samples")
+    laws = [terms[k].get("samples") for k in kinds]
+    if not kinds or base is None or any(d is None for d in laws) or error.get("estimate") is None:
+        return error
+    base = np.asarray(base, dtype=float)
+    rng = np.random.default_rng(zlib.crc32(f"{key}:{'+'.join(kinds)}".encode()))
+    noise = sum(d[rng.integers(0, len(d), size=len(base))] - terms[k]["octaves"]
+                for k, d in zip(kinds, laws, strict=True))
+    samples = base - noise
+    ci = [float(v) for v in np.quantile(samples, [0.5 - level / 2, 0.5 + level / 2])]
+    return {**error, "ci": ci, "samples": samples, "optima_only_ci": error.get("ci"), "n_seeds": None,
+            "variance_parts": None}
 
 
 def prediction_rows(kinds: list[str]) -> list[tuple[str, list[str]]]:
@@ -322,13 +345,17 @@ def judge(out_dir, spec: JointSpec) -> dict:
     rows = []
     for name, kinds in prediction_rows(list(terms)):
         c = sum(terms[k]["octaves"] for k in kinds)
-        error = _shifted(base, c)
+        error = _with_law_noise(_shifted(base, c), terms, kinds, s.confidence, key)
         decided = stats.verdict(error if error.get("ci") else {"ci": None, "reason": error.get("reason")},
                                 s.goal_octaves, "within")
+        if error.get("optima_only_ci") is not None and decided["outcome"] == "inconclusive":
+            decided["reason"] = (decided["reason"].split("; ")[0] + "; the interval holds the laws' noise: seeds of "
+                                 "the checks they were fitted on narrow that part, not seeds here")
         rows.append({"name": name, "laws": kinds, "correction_octaves": c,
                      "predicted_lr_log2": None if proxy_lr is None else proxy_lr + c,
                      "predicted_ci": None if proxy_ci is None else [proxy_ci[0] + c, proxy_ci[1] + c],
-                     "error": {k: error.get(k) for k in ("estimate", "ci")}, "outcome": decided["outcome"],
+                     "error": {k: error.get(k) for k in ("estimate", "ci", "optima_only_ci")},
+                     "outcome": decided["outcome"],
                      "reason": decided["reason"], "decision": decided})
     primary = rows[-1]
     why = [f"{primary['name']}: measured - predicted optimum at the target: {primary['reason']}"]
@@ -372,10 +399,14 @@ def format_verdict(verdict: dict) -> str:
     for kind, term in verdict["laws"].items():
         lines.append(f"  {kind} law: beta {term['beta']:.3f}, {term['unit']} x{term['target'] / term['proxy']:g}: "
                      f"{term['octaves']:+.2f} octave (its check: {term['law_outcome']}; {term['source']})")
-    lines.append(f"  {'prediction':<28} {'predicted':<22} {'error (measured - predicted)':<30} outcome")
+    lines.append(f"  {'prediction':<28} {'predicted':<22} {'error (measured - predicted)':<30} {'outcome':<13} "
+                 "error's interval from the optima alone")
     for r in verdict["predictions"]:
+        alone = r["error"].get("optima_only_ci")
         lines.append(f"  {r['name']:<28} {_interval(r['predicted_lr_log2'], r['predicted_ci']):<22} "
-                     f"{_interval(r['error']['estimate'], r['error']['ci']):<30} {r['outcome']}")
+                     f"{_interval(r['error']['estimate'], r['error']['ci']):<30} {r['outcome']:<13} "
+                     + ("(the same)" if alone is None else f"[{alone[0]:+.2f}, {alone[1]:+.2f}]"))
+    lines.append("  the error's interval holds the optima's noise and the laws' (their bootstrap draws of beta)")
     extra = verdict.get("extra_seeds_needed")
     more = f" (about {extra} more seeds would likely decide it: --seeds)" if extra else ""
     lines.append(f"verdict: {verdict['outcome'].upper()}{more}: " + "; ".join(verdict["reasons"]))

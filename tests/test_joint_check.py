@@ -49,7 +49,7 @@ def parabolas(rng, xs, optimum, seeds, noise, batches=4):
             yield sd, x, vals
 
 
-def law_dir(tmp_path, axis: str, beta: float) -> str:
+def law_dir(tmp_path, axis: str, beta: float, noise: float = 0.002) -> str:
     """A transfer-check directory along ``axis`` whose runs follow log2 LR* = -6 - beta log2(value / v0)."""
     values = [16, 32, 64, 128] if axis == "steps" else [4, 8, 16, 32]
     table = {"axis": axis, "values": values, "lr_log2_low": -10.0, "lr_log2_high": -2.0, "lr_log2_step": 1.0,
@@ -60,13 +60,13 @@ def law_dir(tmp_path, axis: str, beta: float) -> str:
         train["micro_batch_size"] = 4
     raw = {"transfer": table, "model": {"preset": "tiny"}, "train": train}
     s = transfer.spec_from_mapping(raw)
-    out = tmp_path / axis
+    out = tmp_path / f"{axis}-{noise:g}"
     out.mkdir()
     rng = np.random.default_rng(7)
     with open(out / RUNS_FILE, "w") as f:
         for v in values:
             opt = -6.0 - beta * math.log2(v / values[0])
-            for sd, x, vals in parabolas(rng, s.grid, opt, 4, 0.002):
+            for sd, x, vals in parabolas(rng, s.grid, opt, 4, noise):
                 f.write(json.dumps({"variant": "mup", "parametrization": "mup", "value": v, "lr_log2": x, "seed": sd,
                                     "status": "ok", "loss": float(np.mean(vals)), "val_batches": vals}) + "\n")
     judge_axis(out, s)
@@ -140,6 +140,22 @@ def test_a_target_far_from_the_prediction_fails(tmp_path, laws):
     assert v["outcome"] == "fail" and v["exit_status"] == 1, v["reasons"]
     assert rows(v)["all laws (horizon + batch)"]["error"]["ci"][0] > 0.35
     assert rows(v)["+ batch law"]["outcome"] == "pass"  # here the batch law alone would have done
+
+
+def test_the_laws_noise_is_in_the_error_interval(tmp_path):
+    """Laws fitted on noisy checks: the target's optimum is sharp and sits at the prediction, so the
+    optima alone would pass, but the laws' beta draws (carried over 3 doublings of tokens and 1 of batch)
+    widen the interval past the goal: inconclusive, and the reason says whose seeds would narrow it."""
+    noisy = [law_dir(tmp_path, "steps", HORIZON_BETA, noise=0.06), law_dir(tmp_path, "batch_size", BATCH_BETA, 0.06)]
+    v = verdict_for(tmp_path, PREDICTED, laws=noisy)
+    full = rows(v)["all laws (horizon + batch)"]
+    lo, hi = full["error"]["ci"]
+    o_lo, o_hi = full["error"]["optima_only_ci"]
+    assert -0.35 < o_lo and o_hi < 0.35  # the optima alone: inside the goal
+    assert hi - lo > 2 * (o_hi - o_lo) and (lo < -0.35 or hi > 0.35)
+    assert v["outcome"] == "inconclusive" and "seeds of the checks they were fitted on" in v["reasons"][0]
+    assert rows(v)["muP alone"]["error"]["optima_only_ci"] is None  # no law, no law noise
+    assert v["laws"]["horizon"]["draws_source"].endswith("bootstrap draws of the check")
 
 
 def test_a_noisy_target_straddling_the_goal_is_inconclusive(tmp_path, laws):
