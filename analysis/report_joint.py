@@ -56,8 +56,16 @@ def verdict_blocks(v: dict) -> list:
         blocks.append(Para("Laws: " + "; ".join(terms) + "."))
     goal = v.get("goal_octaves")
     blocks.append(Table(["prediction", "predicted log2 LR", f"error, measured - predicted (goal +-{fmt(goal)})",
-                         "outcome"],
+                         "outcome", "error's interval from the optima alone"],
                         [[p.get("name"), est_cell({"estimate": p.get("predicted_lr_log2"), "ci": p.get("predicted_ci")},
                                                   sign=False),
-                          est_cell(p.get("error")), p.get("outcome")] for p in v.get("predictions") or []]))
+                          est_cell(p.get("error")), p.get("outcome"), _optima_only(p.get("error") or {})]
+                         for p in v.get("predictions") or []]))
+    blocks.append(Para("The error's interval holds the optima's noise and the laws' (their bootstrap draws of beta); "
+                       "the last column leaves the laws' out."))
     return blocks
+
+
+def _optima_only(error: dict) -> str:
+    ci = error.get("optima_only_ci")
+    return "the same (no law noise)" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"

@@ -192,6 +192,7 @@ def test_the_report_shows_the_joint_verdict_and_the_ablation(tmp_path, laws):
     written = write_report([str(tmp_path / "out")], tmp_path / "report.html")
     text = written["markdown"].read_text()
     assert "Joint verdict: PASS" in text and "all laws (horizon + batch)" in text and "muP alone" in text
+    assert "error's interval from the optima alone" in text and "the same (no law noise)" in text
     assert written["images"] == 1 and not written["notes"]  # joint.png shown; not read as a single-axis check
 
 
