@@ -15,6 +15,7 @@ import datetime
 import math
 import os
 import statistics
+import sys
 from pathlib import Path
 
 import optuna
@@ -40,10 +41,27 @@ def read_config(out_dir) -> dict:
     return cfg
 
 
+def recorded_storage(out_dir, cfg: dict) -> str:
+    """The storage a sweep directory's config names, or the journal inside the directory itself when
+    the recorded one lies elsewhere under the same file name: a directory copied from a cluster
+    records the cluster's absolute journal path, and the journal that travelled with it is the one
+    the user means (said on stderr)."""
+    url = cfg["storage"]
+    recorded = st.journal_path(url)
+    if recorded is None:
+        return url
+    local = Path(out_dir) / Path(recorded).name
+    if local.is_file() and local.resolve() != Path(recorded).resolve():
+        print(f"note: {out_dir}: using the journal in the directory, {local}, not the recorded {recorded} "
+              "(a moved or copied sweep directory); --storage picks another", file=sys.stderr)
+        return st.JOURNAL_PREFIX + str(local.resolve())
+    return url
+
+
 def load_sweep_study(out_dir, storage: str | None = None):
     """The spec, config, storage URL and study of a sweep directory."""
     cfg = read_config(out_dir)
-    url = storage or os.environ.get(STORAGE_ENV) or cfg["storage"]
+    url = storage or os.environ.get(STORAGE_ENV) or recorded_storage(out_dir, cfg)
     if "***" in url:
         raise ConfigError(f"{out_dir}/{CONFIG_FILE}: the storage URL's password was not saved; pass --storage URL")
     spec = spec_from_mapping(cfg["spec"])

@@ -253,6 +253,26 @@ def test_freeze_writes_a_lock_that_reads_back_with_its_law(tmp_path, capsys):
     assert json.loads(out.read_text())["warnings"] == []  # checked and clean, said in the file
 
 
+def test_freeze_of_a_copied_sweep_directory_reads_the_journal_that_travelled_with_it(tmp_path, capsys):
+    """A run directory copied off a cluster records the cluster's absolute journal path; the original
+    is gone here, and the copy's own journal is the study."""
+    import shutil
+
+    original = write_sweep(tmp_path / "cluster" / "sweep", INSIDE)
+    copy_dir = tmp_path / "laptop" / "sweep"
+    shutil.copytree(original, copy_dir)
+    shutil.rmtree(tmp_path / "cluster")
+    out = tmp_path / "hparams.lock.json"
+    assert main(["freeze", str(copy_dir), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "using the journal in the directory" in err and str(copy_dir / "optuna-journal.log") in err
+    assert read_lock(out).hparams.lr == pytest.approx(0.01)
+    # the directory where it was written: no note, the recorded journal is the directory's own
+    out2 = tmp_path / "again.lock.json"
+    assert main(["freeze", str(write_sweep(tmp_path / "here", INSIDE)), "--out", str(out2)]) == 0
+    assert "using the journal" not in capsys.readouterr().err
+
+
 def _out_cases(tmp_path: Path):
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "a_file").write_text("x")
