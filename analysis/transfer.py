@@ -124,12 +124,17 @@ def _law_panel(ax, verdict: dict) -> None:
     ax.legend(fontsize=7)
 
 
+def _variant_width(runs: list[dict], name: str) -> int:
+    """The smallest model width among a variant's runs (0 without one): the order its panels go in."""
+    return min((int(r["width"]) for r in runs if r["variant"] == name and r.get("width") is not None), default=0)
+
+
 def draw(out_dir) -> Path:
     """transfer.png from runs.jsonl and verdict.json; returns its path."""
     out = Path(out_dir)
     verdict = json.loads((out / "verdict.json").read_text())
     runs = read_runs(out)
-    names = list(verdict["variants"])
+    names = sorted(verdict["variants"], key=lambda n: _variant_width(runs, n))  # w32, w64, w128, not as text
     values = verdict["values"]
     panels = len(names) + (1 if verdict.get("law") else 0)
     fig, axes = plt.subplots(1, max(1, panels), figsize=(5.5 * max(1, panels), 4.2), squeeze=False)

@@ -56,7 +56,8 @@ def write_runs(out, s, optimum, noise: float = 0.01, seed: int = 0, batches: int
                         clean = 2.0 + 0.03 * (x - optimum(v.name, value) - offsets[sd]) ** 2 + shift
                         vals = list(clean + rng.normal(0, noise, size=batches))
                         f.write(json.dumps({"variant": v.name, "parametrization": v.parametrization,
-                                            "value": value, s.settings.grid_key: x, "seed": sd, "status": "ok",
+                                            "value": value, "width": s.shape_at(v, value).model.d_model,
+                                            s.settings.grid_key: x, "seed": sd, "status": "ok",
                                             "loss": float(np.mean(vals)), "val_batches": vals}) + "\n")
 
 

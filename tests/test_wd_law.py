@@ -236,9 +236,10 @@ def test_a_powerlines_check_is_widths_x_steps_of_weight_decay():
             check_spec(**bad)
 
 
-def synthetic_runs(out, s, offset: float = 0.0):
+def synthetic_runs(out, s, offset: float = 0.0, below_grid: bool = False):
     """Held-out losses whose optimum follows the synthetic law at each (N, D) point (the largest off by
-    ``offset`` octaves), parabolic in log2 lambda, with seed and batch noise."""
+    ``offset`` octaves), parabolic in log2 lambda, with seed and batch noise; ``below_grid``: the
+    smallest point's optimum 3 octaves under the grid's lowest weight decay (found at the edge)."""
     from mutransfer.plan import count_params
     from tests.test_transfer_axes import write_runs
 
@@ -247,6 +248,8 @@ def synthetic_runs(out, s, offset: float = 0.0):
         train = s.train_at(value)
         params = count_params(s.shape_at(variant, value))["params_total"]
         true = float(predict_wd_log2(LOG2_C, M, LR, params, train.steps * train.tokens_per_step, train.steps))
+        if below_grid and (variant, value) == (s.variants[0], s.settings.values[0]):
+            return s.settings.wd_log2_low - 3.0
         return true + (offset if (variant, value) == (s.variants[-1], s.settings.values[-1]) else 0.0)
 
     write_runs(out, s, optimum, noise=0.005)
@@ -266,6 +269,23 @@ def test_the_check_judges_the_laws_held_out_prediction(tmp_path, offset, outcome
     assert fit["m"]["estimate"] == pytest.approx(M, abs=0.2 if offset == 0 else 1.0)
     assert set(v["powerlines"]["errors"]) == {"power_lines", "timescale", "keep_proxy"}
     assert "Power Lines law" in format_verdict(v)
+
+
+@pytest.mark.parametrize("offset", [0.0, 2.0])
+def test_a_law_fitted_on_an_optimum_at_the_grids_edge_is_inconclusive_either_way(tmp_path, offset):
+    """The smallest point's optimum lies below the grid: the fit takes the edge for it, and what the
+    prediction would say is not established. With the held-out point on the law (offset 0) the edge
+    alone bends the fit by more than the goal, so a plain verdict would call a right law wrong."""
+    from proxy_sweeps.transfer_verdict import judge
+
+    s = check_spec()
+    synthetic_runs(tmp_path, s, offset, below_grid=True)
+    verdict = judge(tmp_path, s)
+    power = verdict["powerlines"]
+    assert power["unsure_points"] == ["width 32 x 16 steps"]
+    assert power["outcome"] == verdict["outcome"] == "inconclusive" and power["exit_status"] == 3
+    assert "would fail" in power["reason"] and abs(power["errors"]["power_lines"]["estimate"]) > 0.35
+    assert "not established at width 32 x 16 steps" in power["reason"]
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "proxy_sweeps" / "wd_powerlines_tiny.toml"
@@ -311,3 +331,19 @@ def test_a_reduced_powerlines_check_trains_and_writes_the_law(tmp_path):
     assert set(power["errors"]) == {"power_lines", "timescale", "keep_proxy"}
     assert all(e["estimate"] is not None for e in power["errors"].values())
     assert read_laws([out])["weight_decay"]["source"] == str(out)
+
+
+def test_the_figure_puts_the_widths_in_order_not_as_text(tmp_path):
+    """verdict.json keeps variants in key order (mup-w128 before mup-w32); the panels go by width."""
+    from analysis.transfer import _variant_width, draw
+    from proxy_sweeps.transfer import read_runs
+    from proxy_sweeps.transfer_verdict import judge
+
+    s = check_spec()
+    synthetic_runs(tmp_path, s)
+    judge(tmp_path, s)
+    runs = read_runs(tmp_path)
+    names = json.loads((tmp_path / "verdict.json").read_text())["variants"]
+    assert list(names) == ["mup-w128", "mup-w32", "mup-w64"]
+    assert sorted(names, key=lambda n: _variant_width(runs, n)) == ["mup-w32", "mup-w64", "mup-w128"]
+    assert draw(tmp_path).stat().st_size > 0
