@@ -44,13 +44,14 @@ def judge_powerlines(spec, report: dict) -> dict:
         decision = stats.verdict(None, s.goal, "within") | {"reason": str(e)}
         return {"outcome": decision["outcome"], "exit_status": decision["exit_status"], "reason": str(e),
                 "decision": decision, "unsure_points": unsure}
-    if unsure and result["outcome"] != "inconclusive":
+    if unsure:
         # a law fitted on (or judged against) an optimum that is only a bound, at the grid's edge: its
         # prediction is not established either way, as a one-axis check with an optimum at the edge
+        would = "" if result["outcome"] == "inconclusive" else f"the law's prediction would {result['outcome']}: "
         result.update(outcome="inconclusive", exit_status=stats.EXIT_INCONCLUSIVE,
-                      reason=f"the law's prediction would {result['outcome']} ({result['reason']}), but the optimum "
-                             f"is not established at {', '.join(unsure)} (at the weight-decay grid's edge or too "
-                             "few seeds: widen the grid, or the loss does not depend on lambda there)")
+                      reason=f"{would}{result['reason']}; but the optimum is not established at {', '.join(unsure)} "
+                             "(at the weight-decay grid's edge or too few seeds: widen the grid, or the loss does "
+                             "not depend on lambda there)")
     result["unsure_points"] = unsure
     result["widths"] = list(s.widths)
     return result

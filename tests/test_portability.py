@@ -1,8 +1,8 @@
 """Nothing silently different across machines.
 
-- The CPU kernel family: CI runs the numerical tests a second time under
-  ``ATEN_CPU_CAPABILITY=avx2`` (this CI machine is AVX-512). These tests check that torch honours
-  the switch, so that second run really is on the other instruction set.
+- The CPU kernel family: CI runs the numerical tests a second time under another
+  ``ATEN_CPU_CAPABILITY`` (``avx2`` on an AVX-512 machine, ``default`` where AVX2 is the best). These
+  tests check that torch honours the switch, so that second run really is on the other instruction set.
 - The end of a 2-process run: every rank leaves a finished run together.
 - The GPU check on a machine with torch only (no pydantic, the project not installed):
   ``benchmarks/gpu_check.sh`` runs ``benchmarks/full_scale_step.py`` from carried wheels. Here that
@@ -47,9 +47,9 @@ def test_the_capability_switch_is_honoured_and_unset_means_the_best_the_cpu_has(
 
 @pytest.mark.numerical
 def test_this_run_uses_the_capability_it_asked_for():
-    """In CI's ``ATEN_CPU_CAPABILITY=avx2`` run of the numerical tier: the process really is on avx2
-    (torch ignores a value it does not know with a warning only, and the second run would silently
-    repeat the first)."""
+    """In CI's second run of the numerical tier (``ATEN_CPU_CAPABILITY=avx2`` or ``default``): the process
+    really is on that family (torch ignores a value it does not know with a warning only, and the
+    second run would silently repeat the first)."""
     asked = os.environ.get("ATEN_CPU_CAPABILITY")
     if not asked:
         pytest.skip("ATEN_CPU_CAPABILITY is not set: the default (best) kernel family is in use")
