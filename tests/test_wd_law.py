@@ -97,6 +97,14 @@ def test_held_out_off_the_law_fails():
     assert lo > 0.35
 
 
+def test_held_out_on_the_goals_edge_is_inconclusive_and_says_where_seeds_help():
+    points, held = grid(offset=0.35)  # the error sits on the goal: its interval straddles it
+    result = judge_held_out(points, held, LR, goal=0.35)
+    lo, hi = result["errors"]["power_lines"]["ci"]
+    assert result["outcome"] == "inconclusive" and lo < 0.35 < hi, result["reason"]
+    assert "seeds at each of them narrow it" in result["reason"] and "unknown" not in result["reason"]
+
+
 def law(draws: bool = True) -> WeightDecayLaw:
     points, _ = grid()
     fit = fit_power_lines(points, LR)
