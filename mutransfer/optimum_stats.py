@@ -484,7 +484,7 @@ def _unpack(interval, estimate, seeds) -> tuple[list[float] | None, float | None
 
 
 def verdict(interval, goal: float, direction: str = "below", *, estimate: float | None = None,
-            seeds: int | None = None) -> dict:
+            seeds: int | None = None, undecided_note: str | None = None) -> dict:
     """pass (interval entirely inside the goal), fail (entirely outside) or inconclusive (straddles).
 
     interval: [lo, hi], or a result of bootstrap_optimum / coord_slope / one entry of
@@ -492,7 +492,8 @@ def verdict(interval, goal: float, direction: str = "below", *, estimate: float 
     an inconclusive result stays inconclusive). direction: 'below' (value <= goal passes),
     'above' (value >= goal) or 'within' (|value| <= goal). Returns outcome, exit_status (0/1/3),
     interval, estimate, goal, direction, extra_seeds_needed (0 when decided, None when seeds are
-    not what is missing) and reason.
+    not what is missing) and reason. ``undecided_note``: what a straddling interval's reason says in
+    place of the seed estimate, for an interval this check's seeds are not what narrows.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -509,6 +510,7 @@ def verdict(interval, goal: float, direction: str = "below", *, estimate: float 
     if outcome == "inconclusive":
         extra, note = extra_seeds(lo, hi, goal, direction, info.get("n_seeds"), info.get("variance_parts"),
                                   info.get("n_eval_batches") or 1, info.get("level") or DEFAULT_LEVEL)
+        note = undecided_note or note
     return {**out, "outcome": outcome, "exit_status": EXIT_STATUS[outcome], "extra_seeds_needed": extra,
             "reason": reason if note is None else f"{reason}; {note}"}
 

@@ -159,11 +159,10 @@ def judge_held_out(points: list[Point], held_out: Point, lr: float, goal: float,
     }
     decision = stats.verdict({"estimate": errors["power_lines"]["estimate"], "ci": errors["power_lines"]["ci"],
                               "reason": "no interval on the held-out error (no paired bootstrap draws)"},
-                             goal, "within")
-    if decision["outcome"] == "inconclusive" and decision["interval"] is not None:
-        # the error pools every point's optimum (the law's fit and the held-out point): no one seed count
-        decision["reason"] = (decision["reason"].split("; ")[0] + "; the interval pools the optima of every "
-                              "(N, D) point: seeds at each of them narrow it")
+                             goal, "within",
+                             # the error pools every point's optimum (the law's fit and the held-out one)
+                             undecided_note="the interval pools the optima of every (N, D) point: seeds at each "
+                                            "of them narrow it")
     return {"fit": fit, "held_out": {"params": held_out.params, "tokens": held_out.tokens, "steps": held_out.steps,
                                      "tpp": held_out.tpp, "wd_log2": held_out.wd_log2},
             "proxy": {"params": proxy.params, "tokens": proxy.tokens, "steps": proxy.steps, "wd_log2": proxy.wd_log2},

@@ -54,7 +54,7 @@ def recorded_storage(out_dir, cfg: dict) -> str:
     if local.is_file() and local.resolve() != Path(recorded).resolve():
         print(f"note: {out_dir}: using the journal in the directory, {local}, not the recorded {recorded} "
               "(a moved or copied sweep directory); --storage picks another", file=sys.stderr)
-        return st.JOURNAL_PREFIX + str(local.resolve())
+        return st.normalize(str(local), out_dir)
     return url
 
 

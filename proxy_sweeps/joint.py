@@ -346,11 +346,10 @@ def judge(out_dir, spec: JointSpec) -> dict:
     for name, kinds in prediction_rows(list(terms)):
         c = sum(terms[k]["octaves"] for k in kinds)
         error = _with_law_noise(_shifted(base, c), terms, kinds, s.confidence, key)
+        laws_note = ("the interval holds the laws' noise: seeds of the checks they were fitted on narrow that "
+                     "part, not seeds here") if error.get("optima_only_ci") is not None else None
         decided = stats.verdict(error if error.get("ci") else {"ci": None, "reason": error.get("reason")},
-                                s.goal_octaves, "within")
-        if error.get("optima_only_ci") is not None and decided["outcome"] == "inconclusive":
-            decided["reason"] = (decided["reason"].split("; ")[0] + "; the interval holds the laws' noise: seeds of "
-                                 "the checks they were fitted on narrow that part, not seeds here")
+                                s.goal_octaves, "within", undecided_note=laws_note)
         rows.append({"name": name, "laws": kinds, "correction_octaves": c,
                      "predicted_lr_log2": None if proxy_lr is None else proxy_lr + c,
                      "predicted_ci": None if proxy_ci is None else [proxy_ci[0] + c, proxy_ci[1] + c],
