@@ -456,6 +456,16 @@ def _pool_worker(parent: int) -> None:
     watch_parent(parent)
 
 
+def _best_of_chain(records: list[dict], grid_key: str) -> str:
+    """The best run of a finished chain (its lowest held-out loss and where on the grid), for the
+    progress line: where this point's optimum lies so far."""
+    ok = [r for r in records if r.get("status") == "ok" and math.isfinite(r.get("loss", math.nan))]
+    if not ok:
+        return ": no run finished ok"
+    best = min(ok, key=lambda r: r["loss"])
+    return f": best {grid_key} {best[grid_key]:g} (loss {best['loss']:.4f})"
+
+
 def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: int, start: float,
                 quiet: bool) -> None:
     """The chains on ``workers`` processes, a progress line at least every PROGRESS_EVERY_S."""
@@ -467,7 +477,8 @@ def _run_chains(tasks: list, workers: int, out: Path, s, total: int, finished: i
             try:
                 records = chains_left.next(timeout=PROGRESS_EVERY_S)
                 note = "" if not records else (f"; finished {records[0]['variant']} {s.axis} "
-                                               f"{records[0]['value']} seed {records[0]['seed']}")
+                                               f"{records[0]['value']} seed {records[0]['seed']}"
+                                               f"{_best_of_chain(records, s.grid_key)}")
             except multiprocessing.TimeoutError:  # a chain is still running
                 note = ""
             except StopIteration:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,15 @@ def test_shipped_transfer_files_parse():
     assert all(s.settings.values[-1] / s.settings.values[0] >= 8 for s in shipped.values() if not s.settings.widths)
 
 
+def test_the_progress_line_names_the_best_run_of_a_finished_chain():
+    from proxy_sweeps.transfer import _best_of_chain
+
+    chain = [{"status": "ok", "lr_log2": -7.0, "loss": 2.31}, {"status": "ok", "lr_log2": -6.0, "loss": 2.2049},
+             {"status": "diverged", "lr_log2": -2.0, "loss": float("nan")}]
+    assert _best_of_chain(chain, "lr_log2") == ": best lr_log2 -6 (loss 2.2049)"
+    assert _best_of_chain(chain[2:], "lr_log2") == ": no run finished ok"
+
+
 @pytest.mark.slow
 def test_reduced_transfer_check_writes_verdict_and_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("proxy_sweeps.transfer.PROGRESS_EVERY_S", 0.05)  # a line even while no run finishes
@@ -71,6 +81,7 @@ def test_reduced_transfer_check_writes_verdict_and_plot(tmp_path, capsys, monkey
     assert (out / "transfer.png").stat().st_size > 0
     err = capsys.readouterr().err
     assert "verdict:" in err and "runs (2 running)" in err
+    assert re.search(r"; finished (mup|sp) width (16|32) seed \d: best lr_log2 -?[\d.]+ \(loss \d\.\d{4}\)", err)
     # Re-running continues: nothing is trained again.
     assert main(["transfer-check", str(path), "--out", str(out), "--quiet"]) == 1
     assert len(read_runs(out)) == len(runs)
